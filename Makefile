@@ -1,0 +1,30 @@
+# One dev loop, reused by CI (.ci/run -> make test).
+.PHONY: install check test unit demo bench fmt clean
+
+install:
+	@scripts/install
+
+check: install
+	@scripts/check
+
+fmt: install
+	.venv/bin/ruff format .
+	.venv/bin/ruff check --fix .
+
+# Installs everything, starts RabbitMQ when needed, runs check and the tests.
+test:
+	@scripts/test
+
+unit: install
+	.venv/bin/pytest tests/unit
+
+demo: install
+	@scripts/ensure-rabbitmq
+	.venv/bin/llmq demo
+
+bench: install
+	@scripts/ensure-rabbitmq
+	.venv/bin/python -m bench all
+
+clean:
+	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov

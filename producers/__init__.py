@@ -1,0 +1,1 @@
+"""Producers: the client library, the ``llmq`` CLI, the gateway and dead-letter tools."""

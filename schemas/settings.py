@@ -1,0 +1,309 @@
+"""Configuration: a TOML file (``llmq.toml``) overlaid by ``LLMQ_*`` variables.
+
+The file names endpoints, models and limits; secrets never live in it. An
+endpoint names the *environment variable* that holds its API key, and the key
+is read into a ``SecretStr`` at load time. ``load_settings`` turns every
+problem into a :class:`ConfigError` whose text is one line per problem,
+naming the field.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from schemas.contract import SlaClass
+
+__all__ = [
+    "BrokerSettings",
+    "ClassSettings",
+    "ConfigError",
+    "EndpointModel",
+    "EndpointSettings",
+    "ModelSettings",
+    "Settings",
+    "TopologySettings",
+    "WorkerSettings",
+    "load_settings",
+]
+
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``str()`` is ready to print."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BrokerSettings(_Strict):
+    url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
+    """AMQP URL (``amqp://`` or ``amqps://``); may hold a password, so secret."""
+    heartbeat_s: int = Field(default=30, ge=0, le=600)
+    management_url: str | None = None
+    """Optional management API (``http://host:15672``) for ``llmq status``."""
+
+    @field_validator("url")
+    @classmethod
+    def _amqp_scheme(cls, value: SecretStr) -> SecretStr:
+        if urlsplit(value.get_secret_value()).scheme not in ("amqp", "amqps"):
+            raise ValueError("must be an amqp:// or amqps:// URL")
+        return value
+
+
+class ClassSettings(_Strict):
+    default_sla_ms: int = Field(ge=1)
+    hedge: bool = False
+    max_length: int = Field(default=100_000, ge=1)
+    """Ready jobs the queue holds before publishers are refused (backpressure)."""
+
+
+def _default_classes() -> dict[str, ClassSettings]:
+    return {
+        SlaClass.INTERACTIVE.value: ClassSettings(default_sla_ms=30_000, hedge=True),
+        SlaClass.BATCH.value: ClassSettings(default_sla_ms=3_600_000, max_length=1_000_000),
+    }
+
+
+class TopologySettings(_Strict):
+    jobs_exchange: str = Field(default="llmq.jobs", pattern=_NAME)
+    dead_exchange: str = Field(default="llmq.dlx", pattern=_NAME)
+    dead_queue: str = Field(default="llmq.dead", pattern=_NAME)
+    dead_max_length: int = Field(default=1_000_000, ge=1)
+    queue_prefix: str = Field(default="llmq.q.", max_length=200)
+    delivery_limit: int = Field(default=5, ge=1, le=1000)
+    """Deliveries of one job before the broker dead-letters it (poison guard)."""
+    classes: dict[str, ClassSettings] = Field(default_factory=_default_classes)
+
+    def queue_name(self, sla_class: str) -> str:
+        return f"{self.queue_prefix}{sla_class}"
+
+    @field_validator("classes")
+    @classmethod
+    def _known_classes(cls, value: dict[str, ClassSettings]) -> dict[str, ClassSettings]:
+        unknown = set(value) - {c.value for c in SlaClass}
+        if unknown:
+            raise ValueError(f"unknown SLA class {sorted(unknown)[0]!r}; use interactive, batch")
+        return value
+
+
+class EndpointModel(_Strict):
+    """A model as one endpoint serves it."""
+
+    upstream: str = Field(min_length=1, max_length=256)
+    """The model name the endpoint expects."""
+    input_per_mtok: float | None = Field(default=None, ge=0)
+    output_per_mtok: float | None = Field(default=None, ge=0)
+
+
+class EndpointSettings(_Strict):
+    name: str = Field(pattern=_NAME)
+    base_url: str
+    """OpenAI-compatible base URL, up to and including ``/v1``."""
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """Name of the environment variable holding the API key (never the key)."""
+    api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
+    """Filled from ``api_key_env`` at load time; setting it in the file is refused."""
+    models: dict[str, EndpointModel]
+    """Canonical model name → how this endpoint serves it (or just its upstream name)."""
+    max_concurrency: int = Field(default=64, ge=1, le=100_000)
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    input_per_mtok: float = Field(default=0.0, ge=0)
+    """USD per million prompt tokens, unless the model entry says otherwise."""
+    output_per_mtok: float = Field(default=0.0, ge=0)
+    timeout_s: float = Field(default=600.0, gt=0, le=3600)
+    """Upper bound of one attempt, whatever the deadline."""
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.username or parts.password:
+            raise ValueError("must not hold credentials; use api_key_env")
+        return value.rstrip("/")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _model_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            value = {name: name for name in value}
+        if isinstance(value, dict):
+            return {k: {"upstream": v} if isinstance(v, str) else v for k, v in value.items()}
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _some_models(cls, value: dict[str, EndpointModel]) -> dict[str, EndpointModel]:
+        if not value:
+            raise ValueError("an endpoint must serve at least one model")
+        return value
+
+    def price(self, model: str) -> tuple[float, float]:
+        """USD per million (input, output) tokens for a canonical model."""
+        entry = self.models[model]
+        return (
+            self.input_per_mtok if entry.input_per_mtok is None else entry.input_per_mtok,
+            self.output_per_mtok if entry.output_per_mtok is None else entry.output_per_mtok,
+        )
+
+
+class ModelSettings(_Strict):
+    aliases: list[str] = Field(default_factory=list)
+    fallbacks: list[str] = Field(default_factory=list)
+    """Models tried, in order, when no endpoint of this one is usable."""
+
+
+class WorkerSettings(_Strict):
+    concurrency: int = Field(default=256, ge=1, le=100_000)
+    """Jobs one worker holds at once (the consumer prefetch)."""
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    retry_budget_ratio: float = Field(default=0.2, ge=0, le=10)
+    retry_budget_min_per_s: float = Field(default=10.0, ge=0)
+    deadline_margin_ms: int = Field(default=300, ge=0)
+    """Time kept back from each deadline to publish the reply."""
+    grace_s: float = Field(default=30.0, ge=0)
+    """How long in-flight jobs may finish after SIGTERM before being requeued."""
+    http_transport: Literal["aiohttp", "httpx", "httpx-aiohttp"] = "aiohttp"
+    name: str | None = None
+    """Worker name in dead letters and status; defaults to host:pid."""
+
+
+class Settings(BaseSettings):
+    """Everything llmq reads at start-up."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LLMQ_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    topology: TopologySettings = Field(default_factory=TopologySettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    endpoints: list[EndpointSettings] = Field(default_factory=list)
+    models: dict[str, ModelSettings] = Field(default_factory=dict)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = _CONFIG_FILE.get("path")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+        return tuple(sources)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        names = [e.name for e in self.endpoints]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"endpoint name {sorted(dup)[0]!r} is used twice")
+        served = {m for e in self.endpoints for m in e.models}
+        seen: dict[str, str] = {}
+        for model, spec in self.models.items():
+            for alias in spec.aliases:
+                if alias in served or alias in self.models:
+                    raise ValueError(f"alias {alias!r} of {model!r} is itself a model name")
+                if alias in seen:
+                    raise ValueError(f"alias {alias!r} is given to {seen[alias]!r} and {model!r}")
+                seen[alias] = model
+            for fallback in spec.fallbacks:
+                if fallback not in served:
+                    raise ValueError(f"fallback {fallback!r} of {model!r} has no endpoint")
+        return self
+
+    def canonical(self, model: str) -> str:
+        """The canonical name of a model or alias (unknown names unchanged)."""
+        for name, spec in self.models.items():
+            if model in spec.aliases:
+                return name
+        return model
+
+    def served_models(self) -> list[str]:
+        """Every canonical model some endpoint serves."""
+        return sorted({m for e in self.endpoints for m in e.models})
+
+
+# pydantic-settings reads the TOML path at class level; this holder keeps
+# ``load_settings`` reentrant without subclassing per call.
+_CONFIG_FILE: dict[str, Path | None] = {"path": None}
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Load and validate the configuration, reading endpoint keys from the environment.
+
+    ``path`` defaults to ``$LLMQ_CONFIG``; with neither, only ``LLMQ_*``
+    variables and defaults apply. Raises :class:`ConfigError`.
+    """
+    chosen = path if path is not None else os.environ.get("LLMQ_CONFIG")
+    file = Path(chosen) if chosen else None
+    if file is not None and not file.is_file():
+        raise ConfigError(f"config error: file {file} does not exist")
+    _CONFIG_FILE["path"] = file
+    where = f" (in {file})" if file else ""
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors(include_url=False, include_input=False):
+            loc = ".".join(str(p) for p in err["loc"]) or "config"
+            lines.append(f"config error: {loc}: {err['msg']}{where}")
+        raise ConfigError("\n".join(lines)) from None
+    except ValueError as exc:  # TOML syntax errors arrive as ValueError subclasses
+        raise ConfigError(f"config error: {exc}{where}") from None
+    finally:
+        _CONFIG_FILE["path"] = None
+    return _with_keys(settings, where)
+
+
+def _with_keys(settings: Settings, where: str) -> Settings:
+    endpoints = []
+    for i, endpoint in enumerate(settings.endpoints):
+        if endpoint.api_key is not None:
+            raise ConfigError(
+                f"config error: endpoints.{i}.api_key: keys never go in the config;"
+                f" name an environment variable in api_key_env{where}"
+            )
+        key = None
+        if endpoint.api_key_env:
+            value = os.environ.get(endpoint.api_key_env)
+            if not value:
+                raise ConfigError(
+                    f"config error: endpoints.{i}.api_key_env: environment variable"
+                    f" {endpoint.api_key_env} is not set{where}"
+                )
+            key = SecretStr(value)
+        endpoints.append(endpoint.model_copy(update={"api_key": key}))
+    return settings.model_copy(update={"endpoints": endpoints})

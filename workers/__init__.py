@@ -1,0 +1,1 @@
+"""The router worker: consumes jobs, routes them to upstreams, replies, dead-letters."""
