@@ -1,0 +1,60 @@
+"""Shared fixtures: a private RabbitMQ vhost per test session.
+
+Tests share the machine's broker with the demo and with each other, so each
+session declares everything inside its own vhost and deletes the vhost at
+the end, leaving the broker as it found it. Without a broker the broker
+tests skip locally and fail in CI (CI=true), where a skip would hide a gap.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from urllib.parse import quote
+
+import pytest
+
+BROKER_HOST = os.environ.get("LLMQ_TEST_BROKER_HOST", "127.0.0.1")
+
+
+def _rabbitmqctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"RabbitMQ is required in CI: {reason}")
+    pytest.skip(f"no RabbitMQ: {reason}")
+
+
+@pytest.fixture(scope="session")
+def vhost() -> Iterator[str]:
+    """A fresh vhost with full permissions for guest, deleted afterwards."""
+    if shutil.which("rabbitmqctl") is None:
+        _unavailable("rabbitmqctl is not installed")
+    name = f"llmq-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    created = _rabbitmqctl("add_vhost", name)
+    if created.returncode != 0:
+        _unavailable(created.stderr.strip() or "rabbitmqctl add_vhost failed")
+    _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    try:
+        yield name
+    finally:
+        _rabbitmqctl("delete_vhost", name)
+
+
+@pytest.fixture(scope="session")
+def amqp_url(vhost: str) -> str:
+    """The AMQP URL of the session's private vhost."""
+    return f"amqp://guest:guest@{BROKER_HOST}:5672/{quote(vhost, safe='')}"
+
+
+@pytest.fixture
+def rabbitmqctl() -> object:
+    """Run rabbitmqctl; tests that change broker state must restore it."""
+    return _rabbitmqctl
