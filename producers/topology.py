@@ -36,9 +36,7 @@ async def apply_topology(connection: aio_pika.abc.AbstractConnection, topo: Topo
         exchanges = {}
         for ex in topo.exchanges:
             try:
-                exchanges[ex.name] = await channel.declare_exchange(
-                    ex.name, ex.type, durable=True
-                )
+                exchanges[ex.name] = await channel.declare_exchange(ex.name, ex.type, durable=True)
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 raise TopologyError(_conflict("exchange", ex.name, exc)) from None
         queues = {}

@@ -132,9 +132,7 @@ def decode_job(
     if delivery.content_encoding not in (None, "", "identity", "utf-8"):
         return reject(ErrorCode.INVALID_REQUEST, "content_encoding is not supported")
     if delivery.routing_key not in default_sla_ms:
-        return reject(
-            ErrorCode.INVALID_REQUEST, f"unknown SLA class {delivery.routing_key[:64]!r}"
-        )
+        return reject(ErrorCode.INVALID_REQUEST, f"unknown SLA class {delivery.routing_key[:64]!r}")
 
     try:
         h = _Headers.parse(delivery.headers)
@@ -198,8 +196,15 @@ class _Headers:
         traceparent = headers.get(HEADERS.TRACEPARENT)
         if isinstance(traceparent, bytes):
             traceparent = traceparent.decode("ascii", "replace")
-        # W3C: a malformed traceparent is dropped, never an error.
-        if not (isinstance(traceparent, str) and _TRACEPARENT_RE.match(traceparent)):
+        # W3C: a malformed traceparent is dropped, never an error. fullmatch, not
+        # match: ``$`` also matches before a trailing newline, which must not
+        # reach an outgoing HTTP header. All-zero trace or parent ids are invalid.
+        if not (
+            isinstance(traceparent, str)
+            and _TRACEPARENT_RE.fullmatch(traceparent)
+            and traceparent[3:35] != "0" * 32
+            and traceparent[36:52] != "0" * 16
+        ):
             traceparent = None
         return cls(
             model=_str_header(headers, HEADERS.MODEL),
@@ -242,7 +247,8 @@ def _int_header(headers: Mapping[str, Any], name: str, low: int, high: int) -> i
 
 
 def _is_id(value: object) -> bool:
-    return isinstance(value, str) and JOB_ID_RE.match(value) is not None
+    # fullmatch: with match, ``$`` accepts a trailing newline ("job-1\n").
+    return isinstance(value, str) and JOB_ID_RE.fullmatch(value) is not None
 
 
 def _short_str(value: str | None) -> str | None:

@@ -14,7 +14,7 @@ import re
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from schemas.errors import RETRIABLE, ErrorCode
 
@@ -38,8 +38,10 @@ workers reject jobs with a higher major version they do not understand."""
 
 CONTENT_TYPE = "application/json"
 
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,127}$")
-"""Job ids and correlation ids: 1–128 printable characters, no spaces."""
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,127}\Z")
+"""Job ids and correlation ids: 1–128 characters, a letter or digit first, then
+letters, digits and ``._:@/+=-``. ``\\Z``, not ``$``: Python's ``$`` also matches
+before a trailing newline."""
 
 
 class SlaClass(StrEnum):
@@ -77,7 +79,7 @@ class DEAD_HEADERS:
 class ChatMessage(BaseModel):
     """One chat message. Only ``role`` is checked; content passes through."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: str = Field(min_length=1, max_length=64)
     content: Any = None
@@ -87,10 +89,12 @@ class ChatRequest(BaseModel):
     """An OpenAI chat-completions request body.
 
     Tolerant: fields this model does not name pass through to the upstream
-    unchanged (OpenAI keeps adding them). Strict on what routing depends on.
+    unchanged (OpenAI keeps adding them). Strict on what routing depends on:
+    the body is forwarded as received, so the named fields must already have
+    their JSON types (no ``"100"`` for ``max_tokens``, no ``0`` for ``stream``).
     """
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str | None = Field(default=None, min_length=1, max_length=256)
     messages: list[ChatMessage] = Field(min_length=1)
@@ -100,17 +104,37 @@ class ChatRequest(BaseModel):
     stream: Literal[False] | None = None
     """Streaming does not fit a queue: the reply is one message."""
 
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _no_stream(cls, value: Any) -> Any:
+        # Literal[False] alone accepts 0 (0 == False), which would be forwarded.
+        if value is not None and value is not False:
+            raise ValueError("must be false or absent: the reply is one message")
+        return value
+
     def output_cap(self) -> int | None:
         """The most output tokens the caller allows, if it said."""
         return self.max_completion_tokens or self.max_tokens
 
 
 class ReplyError(BaseModel):
-    """Why a job failed."""
+    """Why a job failed.
 
-    code: ErrorCode
+    ``code`` is one of :class:`ErrorCode`, or a plain string for a code added
+    by a newer worker (a minor contract change); ``retriable`` still applies.
+    """
+
+    code: ErrorCode | str
     message: str
     retriable: bool
+
+    @field_validator("code", mode="before")
+    @classmethod
+    def _known_code(cls, value: object) -> object:
+        # Smart-mode unions would keep a known code as a plain str.
+        if isinstance(value, str) and value in ErrorCode._value2member_map_:
+            return ErrorCode(value)
+        return value
 
     @classmethod
     def of(cls, code: ErrorCode, message: str) -> ReplyError:

@@ -51,8 +51,10 @@ RETRIABLE: dict[ErrorCode, bool] = {
     ErrorCode.INTERNAL_ERROR: False,
 }
 
-# The HTTP status an OpenAI-compatible front end answers with. Non-retriable
-# codes map to 4xx so that SDKs (which retry 408/409/429/5xx) do not retry them.
+# The HTTP status an OpenAI-compatible front end answers with. Codes a caller
+# cannot fix by waiting map to 4xx other than 429, so SDKs (which retry
+# 408/409/429/5xx) do not retry them; over_budget keeps OpenAI's own 429 for
+# quota, and internal_error is a 500 like any server fault.
 HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.INVALID_REQUEST: 400,
     ErrorCode.UNKNOWN_MODEL: 400,

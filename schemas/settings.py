@@ -9,11 +9,13 @@ naming the field.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+import orjson
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -98,6 +100,19 @@ class TopologySettings(_Strict):
     def queue_name(self, sla_class: str) -> str:
         return f"{self.queue_prefix}{sla_class}"
 
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _over_defaults(cls, value: Any) -> Any:
+        # A file that tunes one class must not silently drop the other class
+        # or reset the defaults it does not mention (interactive's hedge).
+        if not isinstance(value, dict):
+            return value
+        merged: dict[str, Any] = {k: v.model_dump() for k, v in _default_classes().items()}
+        for name, spec in value.items():
+            base = merged.get(name)
+            merged[name] = {**base, **spec} if isinstance(spec, dict) and base else spec
+        return merged
+
     @field_validator("classes")
     @classmethod
     def _known_classes(cls, value: dict[str, ClassSettings]) -> dict[str, ClassSettings]:
@@ -148,6 +163,11 @@ class EndpointSettings(_Strict):
     @field_validator("models", mode="before")
     @classmethod
     def _model_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.startswith(("[", "{")):
+            # LLMQ_ENDPOINTS__0__MODELS='["m"]': inside a list, pydantic-settings
+            # cannot see the field's type and hands the JSON over as a string.
+            with contextlib.suppress(orjson.JSONDecodeError):
+                value = orjson.loads(value)
         if isinstance(value, list):
             value = {name: name for name in value}
         if isinstance(value, dict):
@@ -221,27 +241,46 @@ class Settings(BaseSettings):
         toml = _CONFIG_FILE.get("path")
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if toml is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+            sources.append(_TomlSource(settings_cls, toml_file=toml))
         return tuple(sources)
+
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _indexed_endpoints(cls, value: Any) -> Any:
+        # The TOML source hands the list over keyed by index (see _TomlSource)
+        # so that LLMQ_ENDPOINTS__<i>__<FIELD> merges into endpoint i.
+        if not (isinstance(value, dict) and all(str(k).isdigit() for k in value)):
+            return value
+        indexed = {int(k): v for k, v in value.items()}
+        if sorted(indexed) != list(range(len(indexed))):
+            missing = min(set(range(max(indexed) + 1)) - set(indexed))
+            raise ValueError(
+                f"endpoint {max(indexed)} is set but endpoint {missing} is not"
+                " (indexes count from 0 without gaps)"
+            )
+        return [indexed[i] for i in range(len(indexed))]
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        names = [e.name for e in self.endpoints]
-        dup = {n for n in names if names.count(n) > 1}
-        if dup:
-            raise ValueError(f"endpoint name {sorted(dup)[0]!r} is used twice")
+        # Each message starts with the field's path: load_settings prints it as is.
+        seen_names: set[str] = set()
+        for i, endpoint in enumerate(self.endpoints):
+            if endpoint.name in seen_names:
+                raise ValueError(f"endpoints.{i}.name: {endpoint.name!r} is used twice")
+            seen_names.add(endpoint.name)
         served = {m for e in self.endpoints for m in e.models}
         seen: dict[str, str] = {}
         for model, spec in self.models.items():
             for alias in spec.aliases:
+                where = f"models.{model}.aliases"
                 if alias in served or alias in self.models:
-                    raise ValueError(f"alias {alias!r} of {model!r} is itself a model name")
+                    raise ValueError(f"{where}: alias {alias!r} is itself a model name")
                 if alias in seen:
-                    raise ValueError(f"alias {alias!r} is given to {seen[alias]!r} and {model!r}")
+                    raise ValueError(f"{where}: alias {alias!r} is also given to {seen[alias]!r}")
                 seen[alias] = model
             for fallback in spec.fallbacks:
                 if fallback not in served:
-                    raise ValueError(f"fallback {fallback!r} of {model!r} has no endpoint")
+                    raise ValueError(f"models.{model}.fallbacks: no endpoint serves {fallback!r}")
         return self
 
     def canonical(self, model: str) -> str:
@@ -254,6 +293,22 @@ class Settings(BaseSettings):
     def served_models(self) -> list[str]:
         """Every canonical model some endpoint serves."""
         return sorted({m for e in self.endpoints for m in e.models})
+
+
+class _TomlSource(TomlConfigSettingsSource):
+    """The TOML file, its ``endpoints`` list keyed by index.
+
+    pydantic-settings merges sources dict into dict; a list is replaced whole.
+    Keyed by index, ``LLMQ_ENDPOINTS__0__MAX_CONCURRENCY=8`` overrides one
+    field of the first endpoint and keeps the rest of the file's list.
+    """
+
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        endpoints = data.get("endpoints")
+        if isinstance(endpoints, list):
+            data = {**data, "endpoints": {str(i): e for i, e in enumerate(endpoints)}}
+        return data
 
 
 # pydantic-settings reads the TOML path at class level; this holder keeps
@@ -278,11 +333,17 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
     except ValidationError as exc:
         lines = []
         for err in exc.errors(include_url=False, include_input=False):
-            loc = ".".join(str(p) for p in err["loc"]) or "config"
-            lines.append(f"config error: {loc}: {err['msg']}{where}")
+            msg = err["msg"].removeprefix("Value error, ")
+            loc = ".".join(str(p) for p in err["loc"])
+            # Cross-field checks (loc empty) put the field's path in the message.
+            lines.append(
+                f"config error: {loc}: {msg}{where}" if loc else f"config error: {msg}{where}"
+            )
         raise ConfigError("\n".join(lines)) from None
     except ValueError as exc:  # TOML syntax errors arrive as ValueError subclasses
         raise ConfigError(f"config error: {exc}{where}") from None
+    except OSError as exc:  # unreadable file
+        raise ConfigError(f"config error: cannot read {file}: {exc.strerror or exc}") from None
     finally:
         _CONFIG_FILE["path"] = None
     return _with_keys(settings, where)

@@ -1,0 +1,206 @@
+"""``LlmqClient``: submit jobs and wait for their replies.
+
+RPC over one exclusive reply queue per client: each job's correlation id
+maps to a future; unknown, late and duplicate replies are ignored. Every
+publish waits for the broker's confirm: a nack (the work queue is full) is
+:class:`Backpressure`, a returned message :class:`Unroutable`; a publish cut
+off by a reconnect is sent again with the same job id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import aio_pika
+import aiormq
+import orjson
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection, DeliveryMode
+
+from producers.errors import Backpressure, DeadlineExceeded, PublishFailed, Unroutable, error_for
+from schemas.codec import decode_reply
+from schemas.contract import CONTENT_TYPE, HEADERS, SlaClass
+
+__all__ = ["LlmqClient"]
+
+_REPUBLISH_WINDOW_S = 30.0
+_REPLY_GRACE_S = 5.0
+
+
+class LlmqClient:
+    """Async client for llmq. Use as ``async with LlmqClient(url) as client:``."""
+
+    def __init__(
+        self,
+        url: str = "amqp://guest:guest@127.0.0.1:5672/",
+        *,
+        exchange: str = "llmq.jobs",
+        default_sla_ms: int = 30_000,
+        max_unconfirmed: int = 256,
+        tenant: str | None = None,
+    ) -> None:
+        self._url = url
+        self._exchange_name = exchange
+        self._default_sla_ms = default_sla_ms
+        self._unconfirmed = asyncio.Semaphore(max_unconfirmed)
+        self._tenant = tenant
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._exchange: aio_pika.abc.AbstractExchange | None = None
+        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.reply_queue = f"llmq.reply.{uuid.uuid4().hex}"
+
+    async def __aenter__(self) -> LlmqClient:
+        self._connection = await aio_pika.connect_robust(
+            self._url, client_properties={"connection_name": "llmq-client"}
+        )
+        self._channel = await self._connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
+        self._exchange = await self._channel.get_exchange(self._exchange_name, ensure=False)
+        # A name of our own (not server-named) so a reconnect re-declares the same queue.
+        queue = await self._channel.declare_queue(
+            self.reply_queue, exclusive=True, auto_delete=True, durable=False
+        )
+        await queue.consume(self._on_reply, no_ack=True)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for future in self._waiting.values():
+            future.cancel()
+        self._waiting.clear()
+        if self._connection is not None:
+            await self._connection.close()
+
+    def _on_reply(self, message: AbstractIncomingMessage) -> Any:
+        future = self._waiting.pop(message.correlation_id or "", None)
+        if future is None or future.done():
+            return None  # unknown, late or duplicate: at-least-once allows these
+        try:
+            future.set_result(decode_reply(message.body))
+        except (ValueError, orjson.JSONDecodeError) as exc:
+            future.set_exception(PublishFailed(f"malformed reply: {exc}"))
+        return None
+
+    async def submit(
+        self,
+        job: Mapping[str, Any],
+        *,
+        reply_to: str | None = None,
+        job_id: str | None = None,
+        correlation_id: str | None = None,
+        sla_class: str = SlaClass.INTERACTIVE.value,
+        sla_ms: int | None = None,
+        deadline_ms: int | None = None,
+        model: str | None = None,
+        tenant: str | None = None,
+        traceparent: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Publish one job and return its id once the broker confirmed it.
+
+        ``reply_to`` defaults to this client's reply queue.
+        """
+        job_id = job_id or uuid.uuid4().hex
+        now_ms = int(time.time() * 1000)
+        h: dict[str, Any] = {HEADERS.PUBLISHED_MS: now_ms}
+        h[HEADERS.SLA_MS] = sla_ms or self._default_sla_ms
+        if deadline_ms is not None:
+            h[HEADERS.DEADLINE_MS] = deadline_ms
+        if model is not None:
+            h[HEADERS.MODEL] = model
+        if tenant or self._tenant:
+            h[HEADERS.TENANT] = tenant or self._tenant
+        if traceparent is not None:
+            h[HEADERS.TRACEPARENT] = traceparent
+        if headers:
+            h.update(headers)
+        message = aio_pika.Message(
+            orjson.dumps(job),
+            message_id=job_id,
+            correlation_id=correlation_id or job_id,
+            reply_to=reply_to or self.reply_queue,
+            content_type=CONTENT_TYPE,
+            delivery_mode=DeliveryMode.PERSISTENT,
+            headers=h,
+        )
+        await self._publish(message, sla_class)
+        return job_id
+
+    async def _publish(self, message: aio_pika.Message, routing_key: str) -> None:
+        assert self._exchange is not None, "use LlmqClient as an async context manager"
+        give_up = time.monotonic() + _REPUBLISH_WINDOW_S
+        async with self._unconfirmed:
+            while True:
+                try:
+                    await self._exchange.publish(message, routing_key=routing_key, mandatory=True)
+                    return
+                except aio_pika.exceptions.PublishError:
+                    raise Unroutable(f"no queue is bound for routing key {routing_key!r}") from None
+                except aiormq.exceptions.DeliveryError:
+                    raise Backpressure(f"the {routing_key} queue is full; retry later") from None
+                except (
+                    aiormq.exceptions.AMQPConnectionError,
+                    aiormq.exceptions.ChannelInvalidStateError,
+                    ConnectionError,
+                ) as exc:
+                    # Cut off by a reconnect: the broker may or may not have it, so
+                    # send it again with the same id (workers answer duplicates).
+                    if time.monotonic() > give_up:
+                        raise PublishFailed(f"broker unreachable: {exc}") from None
+                    await asyncio.sleep(0.5)
+
+    async def submit_many(self, jobs: Iterable[Mapping[str, Any]], **options: Any) -> list[str]:
+        """Publish many jobs concurrently (at most ``max_unconfirmed`` unconfirmed)."""
+        return list(await asyncio.gather(*(self.submit(job, **options) for job in jobs)))
+
+    async def call(
+        self, job: Mapping[str, Any], *, timeout_s: float | None = None, **options: Any
+    ) -> dict[str, Any]:
+        """Submit a job to this client's reply queue and return the whole reply envelope."""
+        job_id = options.pop("job_id", None) or uuid.uuid4().hex
+        correlation_id = options.pop("correlation_id", None) or job_id
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[correlation_id] = future
+        sla_ms = options.get("sla_ms") or self._default_sla_ms
+        wait = timeout_s if timeout_s is not None else sla_ms / 1000 + _REPLY_GRACE_S
+        try:
+            await self.submit(job, job_id=job_id, correlation_id=correlation_id, **options)
+            return await asyncio.wait_for(future, wait)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"no reply within {wait:.1f} s", job_id=job_id, reply={}
+            ) from None
+        finally:
+            self._waiting.pop(correlation_id, None)
+            with contextlib.suppress(Exception):
+                future.cancel()
+
+    async def complete(
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        *,
+        sla_ms: int | None = None,
+        sla_class: str = SlaClass.INTERACTIVE.value,
+        tenant: str | None = None,
+        **params: Any,
+    ) -> dict[str, Any]:
+        """Run a chat completion through llmq; return the OpenAI response or raise.
+
+        Raises the :mod:`producers.errors` class of the reply's error code.
+        """
+        reply = await self.call(
+            {"model": model, "messages": messages, **params},
+            sla_ms=sla_ms,
+            sla_class=sla_class,
+            tenant=tenant,
+        )
+        if reply["status"] != "ok":
+            raise error_for(reply)
+        response: dict[str, Any] = reply["response"]
+        return response

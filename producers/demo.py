@@ -1,0 +1,309 @@
+"""``llmq demo``: the whole path on the built-in fake fleet, no API keys.
+
+Starts the fleet of deploy/demo/scenarios/demo.toml in a subprocess, runs a
+worker with deploy/demo/llmq.toml in this process (so it can show circuit
+states), sends a burst of jobs through the broker with ``LlmqClient`` and
+prints what happened per endpoint, with lost = jobs without a reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+
+from schemas.settings import ConfigError, Settings, load_settings
+
+__all__ = ["demo_command", "run_demo", "summarise"]
+
+DEMO_DIR = Path(__file__).resolve().parent.parent / "deploy" / "demo"
+FLEET_KEY_ENV = "LLMQ_FLEET_KEY"
+FLEET_KEY = "sk-fleet-demo"  # the fake fleet's key, not a secret
+_PROMPTS = (
+    "Summarise the plot of Hamlet in two sentences.",
+    "Write a haiku about message queues.",
+    "Explain deadlines versus timeouts to a new engineer.",
+    "List three ways to make retries safe.",
+    "Translate 'the queue absorbs the burst' into French.",
+)
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def summarise(
+    jobs: int,
+    replies: dict[str, dict[str, Any]],
+    latencies: dict[str, float],
+    dead_letters: int,
+    circuits: dict[str, str],
+) -> dict[str, Any]:
+    """The demo's outcome as one JSON-able object."""
+    ok = [r for r in replies.values() if r.get("status") == "ok"]
+    errors: dict[str, int] = {}
+    for r in replies.values():
+        if r.get("status") != "ok":
+            code = (r.get("error") or {}).get("code", "?")
+            errors[code] = errors.get(code, 0) + 1
+    endpoints: dict[str, Any] = {}
+    names = sorted({*circuits, *(r["routing"].get("endpoint") or "" for r in ok)} - {""})
+    for name in names:
+        served = [j for j, r in replies.items() if (r.get("routing") or {}).get("endpoint") == name]
+        lat = [latencies[j] for j in served if j in latencies and replies[j]["status"] == "ok"]
+        endpoints[name] = {
+            "share": round(
+                sum(1 for j in served if replies[j]["status"] == "ok") / max(1, len(ok)), 4
+            ),
+            "jobs": len(lat),
+            "p50_ms": _round(_percentile(lat, 0.5)),
+            "p99_ms": _round(_percentile(lat, 0.99)),
+            "errors": sum(1 for j in served if replies[j]["status"] != "ok"),
+            "circuit": circuits.get(name, "?"),
+        }
+    all_lat = [latencies[j] for j in replies if j in latencies]
+    return {
+        "jobs": jobs,
+        "ok": len(ok),
+        "errors": sum(errors.values()),
+        "errors_by_code": errors,
+        "dead_letters": dead_letters,
+        "lost": jobs - len(replies),
+        "hedged": sum(1 for r in replies.values() if (r.get("routing") or {}).get("hedged")),
+        "attempts_per_job": round(
+            sum((r.get("routing") or {}).get("attempts", 0) for r in replies.values())
+            / max(1, len(replies)),
+            3,
+        ),
+        "p50_ms": _round(_percentile(all_lat, 0.5)),
+        "p99_ms": _round(_percentile(all_lat, 0.99)),
+        "endpoints": endpoints,
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def _wait_for_ports(ports: list[int], proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    give_up = time.monotonic() + timeout_s
+    for port in ports:
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            if proc.poll() is not None or time.monotonic() > give_up:
+                raise click.ClickException(f"the fake fleet did not start (port {port})")
+            time.sleep(0.1)
+
+
+async def _count_dead_letters(settings: Settings, prefix: str) -> int:
+    """Count this run's dead letters without removing anyone's: look, then requeue all."""
+    import aio_pika
+
+    connection = await aio_pika.connect(settings.broker.url.get_secret_value())
+    try:
+        channel = await connection.channel()
+        queue = await channel.get_queue(settings.topology.dead_queue, ensure=False)
+        held: list[aio_pika.abc.AbstractIncomingMessage] = []
+        ours = 0
+        while len(held) < 1_000_000:
+            message = await queue.get(no_ack=False, fail=False)
+            if message is None:
+                break
+            held.append(message)
+            ours += (message.message_id or "").startswith(prefix)
+        for message in held:
+            await message.nack(requeue=True)
+        return ours
+    finally:
+        await connection.close()
+
+
+async def run_demo(
+    settings: Settings, *, jobs: int, bad: int, sla_ms: int, quiet: bool
+) -> dict[str, Any]:
+    """Run a worker here, send ``jobs`` jobs (``bad`` of them for an unknown model)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from producers.client import LlmqClient
+    from workers.service import Worker
+
+    worker = Worker(settings, name="demo-worker")
+    await worker.start()
+    run = f"demo-{uuid.uuid4().hex[:8]}-"
+    rng = random.Random(7)
+    replies: dict[str, dict[str, Any]] = {}
+    latencies: dict[str, float] = {}
+    try:
+        async with LlmqClient(
+            settings.broker.url.get_secret_value(),
+            exchange=settings.topology.jobs_exchange,
+            default_sla_ms=sla_ms,
+        ) as client:
+            with Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                disable=quiet,
+                transient=False,
+            ) as progress:
+                bar = progress.add_task("jobs answered", total=jobs)
+
+                async def one(i: int) -> None:
+                    job_id = f"{run}{i}"
+                    model = "gpt-4.1-mini" if rng.random() < 0.8 else "gpt4"
+                    if i < bad:
+                        model = "no-such-model"
+                    body = {
+                        "model": model,
+                        "messages": [{"role": "user", "content": rng.choice(_PROMPTS)}],
+                        "max_tokens": rng.choice((32, 64, 128, 256)),
+                    }
+                    started = time.monotonic()
+                    with contextlib.suppress(Exception):
+                        replies[job_id] = await client.call(body, job_id=job_id)
+                        latencies[job_id] = (time.monotonic() - started) * 1000
+                    progress.advance(bar)
+
+                await asyncio.gather(*(one(i) for i in range(jobs)))
+    finally:
+        circuits = {
+            s.name: str(getattr(s, "state", "?"))
+            for s in worker.router.snapshot(now=time.monotonic())
+        }
+        await worker.stop(grace_s=10)
+    dead = await _count_dead_letters(settings, run)
+    return summarise(jobs, replies, latencies, dead, circuits)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title="Per endpoint")
+    for col in ("endpoint", "share", "jobs", "p50 ms", "p99 ms", "errors", "circuit"):
+        table.add_column(col, justify="left" if col in ("endpoint", "circuit") else "right")
+    for name, e in summary["endpoints"].items():
+        table.add_row(
+            name,
+            f"{e['share']:.1%}",
+            str(e["jobs"]),
+            str(e["p50_ms"]),
+            str(e["p99_ms"]),
+            str(e["errors"]),
+            e["circuit"],
+        )
+    console.print(table)
+    totals = Table(title="Totals")
+    for col in (
+        "jobs",
+        "ok",
+        "errors",
+        "dead letters",
+        "lost",
+        "hedged",
+        "attempts/job",
+        "p50 ms",
+        "p99 ms",
+    ):
+        totals.add_column(col, justify="right")
+    totals.add_row(
+        *(
+            str(summary[k])
+            for k in (
+                "jobs",
+                "ok",
+                "errors",
+                "dead_letters",
+                "lost",
+                "hedged",
+                "attempts_per_job",
+                "p50_ms",
+                "p99_ms",
+            )
+        )
+    )
+    console.print(totals)
+    if summary["errors_by_code"]:
+        console.print(
+            "errors by code: "
+            + ", ".join(f"{k}={v}" for k, v in sorted(summary["errors_by_code"].items()))
+        )
+    verdict = (
+        "[green]nothing lost[/]" if summary["lost"] == 0 else f"[red]{summary['lost']} LOST[/]"
+    )
+    console.print(verdict + " — inspect the dead letters with: llmq dlq list")
+
+
+@click.command("demo")
+@click.option("--jobs", default=2000, show_default=True, help="Jobs in the burst.")
+@click.option(
+    "--bad", default=5, show_default=True, help="Jobs for an unknown model (dead-lettered)."
+)
+@click.option("--sla-ms", default=30_000, show_default=True, help="Latency budget per job.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False),
+    default=str(DEMO_DIR / "llmq.toml"),
+    show_default=True,
+)
+@click.option(
+    "--scenario",
+    type=click.Path(dir_okay=False),
+    default=str(DEMO_DIR / "scenarios" / "demo.toml"),
+    show_default=True,
+)
+def demo_command(
+    jobs: int, bad: int, sla_ms: int, as_json: bool, config: str, scenario: str
+) -> None:
+    """Fake fleet + worker + a burst of jobs; prints routing per endpoint and lost = 0."""
+    os.environ.setdefault(FLEET_KEY_ENV, FLEET_KEY)
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    from workers.logs import setup_logging
+
+    setup_logging("warning")
+    ports = [int(e.base_url.rsplit(":", 1)[1].split("/")[0]) for e in settings.endpoints]
+    fleet = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        [sys.executable, "-m", "workers.fleet", "--scenario", scenario],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_for_ports(ports, fleet, timeout_s=20)
+        if not as_json:
+            click.echo(f"fleet up on ports {', '.join(map(str, ports))}; sending {jobs} jobs")
+        import uvloop
+
+        summary = uvloop.run(run_demo(settings, jobs=jobs, bad=bad, sla_ms=sla_ms, quiet=as_json))
+    except OSError as exc:
+        raise click.ClickException(f"cannot reach the broker: {exc}") from None
+    finally:
+        fleet.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            fleet.wait(timeout=10)
+    if as_json:
+        click.echo(orjson.dumps(summary).decode())
+    else:
+        _print_summary(summary)
+    if summary["lost"]:
+        sys.exit(1)

@@ -1,0 +1,95 @@
+"""Helpers shared by the integration tests (importable: tests/ is on pytest's pythonpath)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aio_pika
+import orjson
+
+from schemas.settings import Settings
+from workers.fleet import Fleet, Scenario
+
+FLEET_KEY = "sk-test-fleet-key-0123456789"
+
+
+@asynccontextmanager
+async def running_fleet(*endpoints: dict[str, Any], seed: int = 1) -> AsyncIterator[Fleet]:
+    scenario = Scenario.model_validate(
+        {"seed": seed, "api_key": FLEET_KEY, "endpoints": list(endpoints)}
+    )
+    async with Fleet(scenario) as fleet:
+        yield fleet
+
+
+class Caller:
+    """Publishes raw jobs and collects replies and dead letters, like any producer."""
+
+    def __init__(self, connection: aio_pika.abc.AbstractConnection, settings: Settings) -> None:
+        self.connection = connection
+        self.settings = settings
+        self.replies: dict[str, list[dict[str, Any]]] = {}
+        self.dead: list[aio_pika.abc.AbstractIncomingMessage] = []
+        self.reply_queue = f"reply.{uuid.uuid4().hex[:8]}"
+        self._arrived = asyncio.Event()
+
+    async def start(self) -> None:
+        self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+        queue = await self.channel.declare_queue(self.reply_queue, exclusive=True)
+        await queue.consume(self._on_reply, no_ack=True)
+        dead = await self.channel.get_queue(self.settings.topology.dead_queue, ensure=False)
+        await dead.consume(self._on_dead, no_ack=True)
+
+    async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        self.replies.setdefault(message.correlation_id or "", []).append(orjson.loads(message.body))
+        self._arrived.set()
+
+    async def _on_dead(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        self.dead.append(message)
+        self._arrived.set()
+
+    async def publish(
+        self,
+        body: bytes | dict[str, Any],
+        *,
+        job_id: str | None = None,
+        reply: bool = True,
+        routing_key: str = "interactive",
+        headers: dict[str, Any] | None = None,
+        **properties: Any,
+    ) -> str:
+        job_id = job_id or uuid.uuid4().hex
+        raw = body if isinstance(body, bytes) else orjson.dumps(body)
+        exchange = await self.channel.get_exchange(self.settings.topology.jobs_exchange)
+        await exchange.publish(
+            aio_pika.Message(
+                raw,
+                message_id=job_id,
+                correlation_id=job_id,
+                reply_to=self.reply_queue if reply else None,
+                content_type=properties.pop("content_type", "application/json"),
+                headers=headers or {},
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                **properties,
+            ),
+            routing_key=routing_key,
+            mandatory=True,
+        )
+        return job_id
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                self._arrived.clear()
+                await self._arrived.wait()
+
+    def dead_ids(self) -> list[str | None]:
+        return [m.message_id for m in self.dead]
+
+
+def chat(model: str = "m1", content: str = "hello", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": content}], **extra}

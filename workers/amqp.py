@@ -1,0 +1,140 @@
+"""The worker's broker edge: connections, confirmed publishing, message shapes.
+
+Two connections per worker: consuming and publishing, because a memory or
+disk alarm blocks publishing connections and must not stall acks. Every
+publish waits for the broker's confirm; a returned (unroutable) message and
+a nack are failures, never silence.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection, DeliveryMode
+from aio_pika.robust_connection import RobustConnection
+
+from schemas.contract import CONTENT_TYPE
+from workers.errors import BrokerFailure, Unroutable
+
+__all__ = ["Publisher", "connect", "dead_letter_message", "reply_message"]
+
+_RECONNECT_BASE_S = 0.5
+_RECONNECT_CAP_S = 15.0
+
+
+class JitteredRobustConnection(RobustConnection):
+    """aio-pika reconnects every ``reconnect_interval`` seconds, fixed; this
+    makes it full-jitter exponential so a fleet of workers does not reconnect
+    in lockstep after a broker restart."""
+
+    _tries = 0
+
+    @property
+    def reconnect_interval(self) -> float:
+        self._tries += 1
+        ceiling = min(_RECONNECT_CAP_S, _RECONNECT_BASE_S * 2.0 ** min(self._tries, 16))
+        return random.uniform(_RECONNECT_BASE_S, ceiling)
+
+    @reconnect_interval.setter
+    def reconnect_interval(self, value: float) -> None:
+        self._tries = 0
+
+
+async def connect(url: str, *, name: str, heartbeat_s: int = 30) -> AbstractRobustConnection:
+    """A robust connection with jittered reconnects; the first connect fails fast."""
+    connection = await aio_pika.connect_robust(
+        url,
+        connection_class=JitteredRobustConnection,
+        client_properties={"connection_name": name},
+        heartbeat=heartbeat_s,
+    )
+    connection.reconnect_callbacks.add(_reset_backoff)
+    return connection
+
+
+def _reset_backoff(connection: Any) -> None:
+    connection._tries = 0
+
+
+class Publisher:
+    """A confirming channel: ``publish`` returns once the broker has the message."""
+
+    def __init__(self, channel: aio_pika.abc.AbstractChannel) -> None:
+        self._channel = channel
+
+    @classmethod
+    async def open(cls, connection: AbstractRobustConnection) -> Publisher:
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        return cls(channel)
+
+    async def publish(
+        self, message: aio_pika.Message, *, exchange: str, routing_key: str, timeout_s: float = 30
+    ) -> None:
+        """Publish with ``mandatory``; raises :class:`Unroutable` or :class:`BrokerFailure`."""
+        try:
+            target = (
+                self._channel.default_exchange
+                if exchange == ""
+                else await self._channel.get_exchange(exchange, ensure=False)
+            )
+            await target.publish(
+                message, routing_key=routing_key, mandatory=True, timeout=timeout_s
+            )
+        except aio_pika.exceptions.PublishError:
+            raise Unroutable(f"no queue for {exchange or '(default)'}/{routing_key}") from None
+        except aiormq.exceptions.DeliveryError:
+            raise BrokerFailure(
+                f"broker refused the message for {routing_key} (queue full?)"
+            ) from None
+        except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError) as exc:
+            raise BrokerFailure(f"publish failed: {type(exc).__name__}") from None
+
+    async def close(self) -> None:
+        if not self._channel.is_closed:
+            await self._channel.close()
+
+
+def reply_message(
+    body: bytes, *, correlation_id: str | None, job_id: str | None
+) -> aio_pika.Message:
+    """A reply envelope as an AMQP message.
+
+    The reply's own ``message_id`` is fresh: the client library matches
+    returns by message id, and a duplicate delivery of one job can have two
+    replies in flight.
+    """
+    return aio_pika.Message(
+        body,
+        content_type=CONTENT_TYPE,
+        correlation_id=correlation_id,
+        message_id=uuid.uuid4().hex,
+        delivery_mode=DeliveryMode.PERSISTENT,
+        headers={"job-id": job_id} if job_id else None,
+    )
+
+
+def dead_letter_message(
+    incoming: AbstractIncomingMessage, extra_headers: Mapping[str, Any]
+) -> aio_pika.Message:
+    """A copy of the original job, body and properties, with the error headers added."""
+    headers = dict(incoming.headers or {})
+    headers.update(extra_headers)
+    return aio_pika.Message(
+        incoming.body,
+        headers=headers,
+        content_type=incoming.content_type,
+        content_encoding=incoming.content_encoding,
+        delivery_mode=DeliveryMode.PERSISTENT,
+        priority=incoming.priority,
+        correlation_id=incoming.correlation_id,
+        reply_to=incoming.reply_to,
+        message_id=incoming.message_id,
+        timestamp=incoming.timestamp,
+        type=incoming.type,
+        app_id=incoming.app_id,
+    )

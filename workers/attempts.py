@@ -1,0 +1,288 @@
+"""Run one job's upstream attempts: first try, retries, hedges.
+
+The routing core decides (which endpoint, whether to retry, wait or give up,
+whether to hedge); this module only carries the decisions out with asyncio:
+starting attempts, timers, cancelling the loser of a hedge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import orjson
+
+from schemas.codec import Job
+from schemas.errors import ErrorCode
+from workers.errors import UpstreamFailure
+from workers.routing import (
+    Choice,
+    GiveUp,
+    NoChoice,
+    Progress,
+    RetryBudget,
+    Router,
+    TryNow,
+    Wait,
+    Work,
+    next_step,
+    should_hedge,
+)
+from workers.upstream import Target, Upstream, UpstreamReply
+
+__all__ = ["Dispatcher", "Failed", "Served"]
+
+log = logging.getLogger("llmq.worker")
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    reply: UpstreamReply
+    endpoint: str
+    model: str
+    attempts: int
+    hedged: bool
+    upstream_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    code: ErrorCode
+    message: str
+    attempts: int
+    hedged: bool
+    endpoint: str | None
+    model: str | None
+
+
+@dataclass(slots=True)
+class _Running:
+    choice: Choice
+    task: asyncio.Task[UpstreamReply]
+    started: float
+
+
+class Dispatcher:
+    """Routes jobs over the endpoints with retries and hedging."""
+
+    def __init__(
+        self,
+        *,
+        router: Router,
+        budget: RetryBudget,
+        upstream: Upstream,
+        targets: dict[str, Target],
+        max_attempts: int,
+        margin_s: float,
+        clock: Callable[[], float],
+        rand: Callable[[], float],
+    ) -> None:
+        self.router = router
+        self.budget = budget
+        self._upstream = upstream
+        self._targets = targets
+        self._max_attempts = max_attempts
+        self._margin_s = margin_s
+        self._clock = clock
+        self._rand = rand
+
+    async def run(self, job: Job, model: str, *, deadline: float, hedge: bool) -> Served | Failed:
+        """Serve ``job`` (``model`` is canonical) before ``deadline`` (monotonic seconds)."""
+        work = Work(prompt_tokens=max(1, job.prompt_chars // 4), output_tokens=job.output_cap)
+        now = self._clock()
+        self.budget.record_request(now)
+        progress = Progress(attempts=0, tried=frozenset(), deadline=deadline)
+        choice = await self._first_choice(model, work, deadline)
+        if isinstance(choice, NoChoice):
+            return Failed(choice.code, choice.reason, 0, False, None, None)
+        if log.isEnabledFor(logging.DEBUG):
+            self._explain(job, model, work)
+
+        running: list[_Running] = []
+        hedged = False
+        try:
+            while True:
+                progress = Progress(
+                    attempts=progress.attempts + 1,
+                    tried=progress.tried | {choice.endpoint},
+                    deadline=deadline,
+                    hedged=hedged,
+                )
+                running.append(self._start(choice, job, work, deadline))
+                outcome = await self._race(running, model, work, hedge and not hedged)
+                if isinstance(outcome, tuple):  # a hedge was started
+                    hedged = True
+                    progress = Progress(
+                        attempts=progress.attempts + 1,
+                        tried=progress.tried | {outcome[0].endpoint},
+                        deadline=deadline,
+                        hedged=True,
+                    )
+                    running.append(self._start(outcome[0], job, work, deadline))
+                    outcome = await self._race(running, model, work, False)
+                assert not isinstance(outcome, tuple)
+                if outcome.task.exception() is None:
+                    reply = outcome.task.result()
+                    return Served(
+                        reply,
+                        outcome.choice.endpoint,
+                        outcome.choice.model,
+                        progress.attempts,
+                        hedged,
+                        (self._clock() - outcome.started) * 1000,
+                    )
+                failure = outcome.task.exception()
+                assert isinstance(failure, UpstreamFailure)
+                step = next_step(
+                    progress,
+                    failure.kind,
+                    router=self.router,
+                    budget=self.budget,
+                    model=model,
+                    work=work,
+                    now=self._clock(),
+                    rand=self._rand,
+                    max_attempts=self._max_attempts,
+                    margin_s=self._margin_s,
+                )
+                while isinstance(step, Wait):
+                    await asyncio.sleep(step.delay_s)
+                    picked = self.router.pick(model, work=work, now=self._clock(), rand=self._rand)
+                    if isinstance(picked, Choice):
+                        step = TryNow(picked)
+                    elif self._clock() + self._margin_s >= deadline:
+                        step = GiveUp(ErrorCode.DEADLINE_EXCEEDED, "deadline passed while waiting")
+                    else:
+                        step = next_step(
+                            progress,
+                            failure.kind,
+                            router=self.router,
+                            budget=self.budget,
+                            model=model,
+                            work=work,
+                            now=self._clock(),
+                            rand=self._rand,
+                            max_attempts=self._max_attempts,
+                            margin_s=self._margin_s,
+                        )
+                if isinstance(step, GiveUp):
+                    return Failed(
+                        step.code,
+                        f"{step.message}; last: {failure}",
+                        progress.attempts,
+                        hedged,
+                        outcome.choice.endpoint,
+                        outcome.choice.model,
+                    )
+                choice = step.choice
+        finally:
+            for r in running:
+                if not r.task.done():
+                    r.task.cancel()
+            for r in running:
+                if not r.task.done():
+                    with contextlib.suppress(asyncio.CancelledError, UpstreamFailure):
+                        await r.task
+
+    async def _first_choice(self, model: str, work: Work, deadline: float) -> Choice | NoChoice:
+        """Pick, waiting once for a cooldown to end when that is before the deadline."""
+        choice = self.router.pick(model, work=work, now=self._clock(), rand=self._rand)
+        while isinstance(choice, NoChoice) and choice.retry_at is not None:
+            now = self._clock()
+            if choice.retry_at + self._margin_s >= deadline:
+                return choice
+            await asyncio.sleep(max(0.0, choice.retry_at - now))
+            choice = self.router.pick(model, work=work, now=self._clock(), rand=self._rand)
+        return choice
+
+    def _start(self, choice: Choice, job: Job, work: Work, deadline: float) -> _Running:
+        started = self._clock()
+        task = asyncio.create_task(self._attempt(choice, job, work, deadline))
+        return _Running(choice, task, started)
+
+    async def _race(
+        self, running: list[_Running], model: str, work: Work, may_hedge: bool
+    ) -> _Running | tuple[Choice]:
+        """Wait for the first success, or for every attempt to fail.
+
+        With ``may_hedge``, a timer runs beside the single attempt; when it
+        fires and the core agrees, the second choice is returned to start.
+        """
+        hedge_at: float | None = None
+        if may_hedge and len(running) == 1:
+            delay = self.router.hedge_delay(running[0].choice.endpoint, work=work)
+            if delay is not None:
+                hedge_at = running[0].started + delay
+        while True:
+            pending = [r for r in running if not r.task.done()]
+            if not pending:
+                # Every attempt failed: report the last one to finish.
+                return running[-1]
+            timeout = None if hedge_at is None else max(0.0, hedge_at - self._clock())
+            done, _ = await asyncio.wait(
+                [r.task for r in pending], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            for r in running:
+                if r.task in done and r.task.exception() is None:
+                    return r
+            if done:
+                finished = [r for r in running if r.task in done]
+                if not [r for r in running if not r.task.done()]:
+                    return finished[-1]
+                continue
+            # The hedge timer fired with the first attempt still running.
+            hedge_at = None
+            second = self._hedge_choice(running[0], model, work)
+            if second is not None:
+                return (second,)
+
+    def _hedge_choice(self, first: _Running, model: str, work: Work) -> Choice | None:
+        return should_hedge(
+            first.choice,
+            router=self.router,
+            budget=self.budget,
+            model=model,
+            work=work,
+            now=self._clock(),
+            rand=self._rand,
+        )
+
+    async def _attempt(
+        self, choice: Choice, job: Job, work: Work, deadline: float
+    ) -> UpstreamReply:
+        router = self.router
+        now = self._clock()
+        attempt = router.begin(choice.endpoint, work=work, now=now)
+        timeout = router.attempt_timeout(choice.endpoint, work=work, remaining_s=deadline - now)
+        body = orjson.dumps({**job.body, "model": choice.upstream_model})
+        try:
+            reply = await self._upstream.complete(
+                self._targets[choice.endpoint],
+                body,
+                timeout_s=max(timeout, 0.001),
+                traceparent=job.traceparent,
+            )
+        except UpstreamFailure as failure:
+            router.fail(
+                attempt, failure.kind, now=self._clock(), retry_after_s=failure.retry_after_s
+            )
+            raise
+        except BaseException:
+            router.cancel(attempt, now=self._clock())
+            raise
+        router.succeed(attempt, now=self._clock(), output_tokens=reply.completion_tokens)
+        return reply
+
+    def _explain(self, job: Job, model: str, work: Work) -> None:
+        candidates = self.router.explain(model, work=work, now=self._clock())
+        log.debug(
+            "job %s candidates: %s",
+            job.job_id,
+            "; ".join(
+                f"{c.name} cost={c.cost:.4f}" + (f" skipped={c.skip}" if c.skip else "")
+                for c in candidates
+            ),
+        )

@@ -1,0 +1,394 @@
+"""The router worker: consume jobs, serve them, settle each delivery exactly once.
+
+Per delivery: decode → check the deadline → resolve the model → dispatch
+(attempts, retries, hedges) → settle. Settling publishes the reply and, for
+failures, the dead-letter copy, each confirmed by the broker, and only then
+acks. If the broker cannot take them the delivery is not acked and comes
+back (at-least-once); callers dedupe replies by job id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+
+from schemas.codec import Delivery, Job, Rejected, decode_job, encode_reply, error_body
+from schemas.contract import DEAD_HEADERS
+from schemas.errors import ErrorCode
+from schemas.settings import Settings
+from schemas.topology import plan
+from workers.amqp import Publisher, connect, dead_letter_message, reply_message
+from workers.attempts import Dispatcher, Failed, Served
+from workers.errors import BrokerFailure, Unroutable
+from workers.routing import EndpointSpec, RetryBudget, Router, RoutingConfig
+from workers.upstream import Target, Upstream, make_upstream
+
+__all__ = ["Worker", "WorkerStats"]
+
+log = logging.getLogger("llmq.worker")
+
+_RECENT_REPLIES = 10_000
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    """Counters since start; ``repr`` is the worker's health line."""
+
+    ok: int = 0
+    errors: int = 0
+    dead_letters: int = 0
+    requeued: int = 0
+    duplicates: int = 0
+    in_flight: int = 0
+    by_code: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    job_id: str | None
+    reply: bytes
+    code: ErrorCode | None = None
+    message: str = ""
+    attempts: int = 0
+
+
+class Worker:
+    """One worker process's consuming and routing state."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        upstream: Upstream | None = None,
+        name: str | None = None,
+        declare_topology: bool = True,
+        routing: RoutingConfig | None = None,
+    ) -> None:
+        self.settings = settings
+        self.name = name or settings.worker.name or f"{socket.gethostname()}:{os.getpid()}"
+        self.stats = WorkerStats()
+        self._declare = declare_topology
+        self._upstream = upstream
+        self._endpoints = {e.name: e for e in settings.endpoints}
+        self.router = Router(
+            [EndpointSpec.from_settings(e) for e in settings.endpoints],
+            settings.models,
+            routing or RoutingConfig(max_attempts=settings.worker.max_attempts),
+        )
+        w = settings.worker
+        self.budget = RetryBudget(w.retry_budget_ratio, w.retry_budget_min_per_s)
+        self._defaults = {k: c.default_sla_ms for k, c in settings.topology.classes.items()}
+        self._hedge = {k: c.hedge for k, c in settings.topology.classes.items()}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._recent: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._consumers: list[tuple[AbstractQueue, str]] = []
+        self._consume_conn: AbstractRobustConnection | None = None
+        self._publish_conn: AbstractRobustConnection | None = None
+        self._publisher: Publisher | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._stopping = False
+
+    def __repr__(self) -> str:
+        s = self.stats
+        return (
+            f"<Worker {self.name} ok={s.ok} errors={s.errors} dead_letters={s.dead_letters}"
+            f" requeued={s.requeued} in_flight={s.in_flight}>"
+        )
+
+    async def start(self) -> None:
+        """Connect, declare the topology, start consuming every SLA-class queue."""
+        url = self.settings.broker.url.get_secret_value()
+        hb = self.settings.broker.heartbeat_s
+        self._publish_conn = await connect(url, name=f"llmq-worker-pub {self.name}", heartbeat_s=hb)
+        self._consume_conn = await connect(url, name=f"llmq-worker {self.name}", heartbeat_s=hb)
+        if self._declare:
+            from producers.topology import apply_topology
+
+            await apply_topology(self._publish_conn, plan(self.settings.topology))
+        self._publisher = await Publisher.open(self._publish_conn)
+        upstream = self._upstream or make_upstream(self.settings.worker.http_transport)
+        self._upstream = upstream
+        self._dispatcher = Dispatcher(
+            router=self.router,
+            budget=self.budget,
+            upstream=upstream,
+            targets={name: Target.from_settings(e) for name, e in self._endpoints.items()},
+            max_attempts=self.settings.worker.max_attempts,
+            margin_s=self.settings.worker.deadline_margin_ms / 1000,
+            clock=time.monotonic,
+            rand=random.random,
+        )
+        topo = self.settings.topology
+        for sla_class in sorted(topo.classes):
+            # One channel per queue: a channel error requeues only that queue's jobs.
+            channel = await self._consume_conn.channel()
+            await channel.set_qos(prefetch_count=self.settings.worker.concurrency)
+            queue = await channel.get_queue(topo.queue_name(sla_class), ensure=True)
+            tag = await queue.consume(self._on_message, no_ack=False)
+            self._consumers.append((queue, tag))
+        log.info(
+            "worker %s serving %s via %s",
+            self.name,
+            ", ".join(f"{e.name}[{','.join(sorted(e.models))}]" for e in self.settings.endpoints),
+            ", ".join(topo.queue_name(c) for c in sorted(topo.classes)),
+        )
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop consuming, let in-flight jobs finish within ``grace_s``, requeue the rest."""
+        self._stopping = True
+        grace = self.settings.worker.grace_s if grace_s is None else grace_s
+        for queue, tag in self._consumers:
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+        self._consumers.clear()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        for conn in (self._consume_conn, self._publish_conn):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
+        if self._upstream is not None:
+            await self._upstream.aclose()
+        log.info("worker %s stopped: %r", self.name, self)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.create_task(self._process(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _process(self, message: AbstractIncomingMessage) -> None:
+        self.stats.in_flight += 1
+        try:
+            outcome = await self._serve(message)
+            await self._settle(message, outcome)
+        except asyncio.CancelledError:
+            # Shutdown or lost connection: give the job back, unanswered.
+            await self._requeue(message)
+            raise
+        except BrokerFailure as exc:
+            log.warning("job %s not settled (%s); requeueing", message.message_id, exc)
+            await self._requeue(message)
+        except Exception:
+            log.exception("job %s: unexpected error", message.message_id)
+            await self._crashed(message)
+        finally:
+            self.stats.in_flight -= 1
+
+    async def _serve(self, message: AbstractIncomingMessage) -> _Outcome:
+        now_ms = int(time.time() * 1000)
+        ts = message.timestamp
+        decoded = decode_job(
+            Delivery(
+                body=message.body,
+                routing_key=message.routing_key or "",
+                message_id=message.message_id,
+                correlation_id=message.correlation_id,
+                reply_to=message.reply_to,
+                content_type=message.content_type,
+                content_encoding=message.content_encoding,
+                headers=message.headers or {},
+                timestamp_ms=int(ts.timestamp() * 1000) if ts is not None else None,
+            ),
+            now_ms=now_ms,
+            default_sla_ms=self._defaults,
+            max_body_bytes=self.settings.worker.max_body_bytes,
+        )
+        if isinstance(decoded, Rejected):
+            return self._failure(decoded.job_id, decoded.code, decoded.message, None, 0)
+        job = decoded
+        if job.reply_to is None:
+            # Nobody could read the answer: don't pay an upstream for it.
+            return self._failure(
+                job.job_id,
+                ErrorCode.INVALID_REQUEST,
+                "reply_to is missing: the result would have nowhere to go",
+                None,
+                0,
+            )
+        cached = self._recent.get((job.job_id, job.replay_count))
+        if cached is not None:
+            self.stats.duplicates += 1
+            return _Outcome(job.job_id, cached)
+        routing: dict[str, Any] = {"queue_ms": max(0, now_ms - job.published_ms)}
+        if now_ms >= job.deadline_ms:
+            return self._failure(
+                job.job_id, ErrorCode.DEADLINE_EXCEEDED, "deadline passed while queued", routing, 0
+            )
+        model = self.router.resolve(job.model)
+        if model is None:
+            return self._failure(
+                job.job_id,
+                ErrorCode.UNKNOWN_MODEL,
+                f"no endpoint serves model {job.model[:100]!r}",
+                routing,
+                0,
+            )
+        routing["model"] = model
+        assert self._dispatcher is not None
+        mono = time.monotonic()
+        deadline = mono + (job.deadline_ms - now_ms) / 1000
+        result = await self._dispatcher.run(
+            job, model, deadline=deadline, hedge=self._hedge.get(job.sla_class, False)
+        )
+        routing["total_ms"] = round((time.time() * 1000) - job.published_ms, 3)
+        if isinstance(result, Failed):
+            routing.update(
+                model=result.model or model,
+                endpoint=result.endpoint,
+                attempts=result.attempts,
+                hedged=result.hedged,
+            )
+            return self._failure(job.job_id, result.code, result.message, routing, result.attempts)
+        return self._success(job, result, routing)
+
+    def _success(self, job: Job, served: Served, routing: dict[str, Any]) -> _Outcome:
+        usage_in, usage_out = served.reply.prompt_tokens, served.reply.completion_tokens
+        cost = None
+        if usage_in is not None and usage_out is not None:
+            price_in, price_out = self._endpoints[served.endpoint].price(served.model)
+            cost = round((usage_in * price_in + usage_out * price_out) / 1e6, 8)
+        routing.update(
+            model=served.model,
+            endpoint=served.endpoint,
+            attempts=served.attempts,
+            hedged=served.hedged,
+            upstream_ms=round(served.upstream_ms, 3),
+            prompt_tokens=usage_in,
+            completion_tokens=usage_out,
+            cost_usd=cost,
+        )
+        body = encode_reply(job.job_id, response=served.reply.body, routing=routing)
+        self._remember((job.job_id, job.replay_count), body)
+        return _Outcome(job.job_id, body, attempts=served.attempts)
+
+    def _failure(
+        self,
+        job_id: str | None,
+        code: ErrorCode,
+        message: str,
+        routing: dict[str, Any] | None,
+        attempts: int,
+    ) -> _Outcome:
+        body = encode_reply(job_id, error=error_body(code, message), routing=routing)
+        return _Outcome(job_id, body, code, message, attempts)
+
+    def _remember(self, key: tuple[str, int], body: bytes) -> None:
+        self._recent[key] = body
+        if len(self._recent) > _RECENT_REPLIES:
+            self._recent.popitem(last=False)
+
+    async def _settle(self, message: AbstractIncomingMessage, outcome: _Outcome) -> None:
+        """Reply, dead-letter if it failed, then ack: in that order, each confirmed."""
+        assert self._publisher is not None
+        extra: dict[str, Any] = {}
+        if message.reply_to:
+            try:
+                await self._publisher.publish(
+                    reply_message(
+                        outcome.reply,
+                        correlation_id=message.correlation_id or message.message_id,
+                        job_id=outcome.job_id,
+                    ),
+                    exchange="",
+                    routing_key=message.reply_to,
+                )
+            except Unroutable:
+                # The caller's queue is gone: keep the answer with the dead letter.
+                extra = {"reply-error": "reply_to queue does not exist", "reply": outcome.reply}
+        code = outcome.code
+        if code is None and extra:
+            code = ErrorCode.INTERNAL_ERROR
+        if code is not None or extra:
+            assert code is not None
+            await self._dead_letter(
+                message,
+                code,
+                outcome.message or "reply could not be delivered",
+                outcome.attempts,
+                extra,
+            )
+        await message.ack()
+        if outcome.code is None:
+            self.stats.ok += 1
+        else:
+            self.stats.errors += 1
+            self.stats.by_code[outcome.code.value] = (
+                self.stats.by_code.get(outcome.code.value, 0) + 1
+            )
+
+    async def _dead_letter(
+        self,
+        message: AbstractIncomingMessage,
+        code: ErrorCode,
+        error: str,
+        attempts: int,
+        extra: dict[str, Any],
+    ) -> None:
+        assert self._publisher is not None
+        headers = {
+            DEAD_HEADERS.ERROR_CODE: code.value,
+            DEAD_HEADERS.ERROR: error[:1000],
+            DEAD_HEADERS.ATTEMPTS: attempts,
+            DEAD_HEADERS.FAILED_AT: int(time.time() * 1000),
+            DEAD_HEADERS.WORKER: self.name,
+            DEAD_HEADERS.SLA_CLASS: message.routing_key or "",
+            **extra,
+        }
+        await self._publisher.publish(
+            dead_letter_message(message, headers),
+            exchange=self.settings.topology.dead_exchange,
+            routing_key=message.routing_key or "",
+        )
+        self.stats.dead_letters += 1
+
+    async def _requeue(self, message: AbstractIncomingMessage) -> None:
+        self.stats.requeued += 1
+        with contextlib.suppress(Exception):
+            await message.nack(requeue=True)
+
+    async def _crashed(self, message: AbstractIncomingMessage) -> None:
+        """A bug hit this job: requeue it, or on its last permitted delivery end it here.
+
+        The broker dead-letters a job after ``delivery-limit`` redeliveries, but
+        sends no reply; answering on the last delivery keeps callers from waiting.
+        """
+        count = (message.headers or {}).get("x-delivery-count", 0)
+        limit = self.settings.topology.delivery_limit
+        if isinstance(count, int) and count >= limit:
+            outcome = self._failure(
+                message.message_id,
+                ErrorCode.INTERNAL_ERROR,
+                f"the worker failed on this job {count + 1} times",
+                None,
+                0,
+            )
+            with contextlib.suppress(Exception):
+                await self._settle(message, outcome)
+                return
+        await self._requeue(message)
+
+    def status(self) -> dict[str, Any]:
+        """Health as data, for logs, ``llmq status`` and probes."""
+        return {
+            "worker": self.name,
+            "ok": self.stats.ok,
+            "errors": self.stats.errors,
+            "dead_letters": self.stats.dead_letters,
+            "requeued": self.stats.requeued,
+            "in_flight": self.stats.in_flight,
+            "by_code": dict(self.stats.by_code),
+        }
