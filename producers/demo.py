@@ -63,16 +63,16 @@ def summarise(
     endpoints: dict[str, Any] = {}
     names = sorted({*circuits, *(r["routing"].get("endpoint") or "" for r in ok)} - {""})
     for name in names:
-        served = [j for j, r in replies.items() if (r.get("routing") or {}).get("endpoint") == name]
-        lat = [latencies[j] for j in served if j in latencies and replies[j]["status"] == "ok"]
+        served = [r for r in replies.values() if (r.get("routing") or {}).get("endpoint") == name]
+        good = [r for r in served if r["status"] == "ok"]
+        # Per endpoint: its own latency (upstream_ms); queueing shows in the totals.
+        lat = [r["routing"]["upstream_ms"] for r in good if r["routing"].get("upstream_ms")]
         endpoints[name] = {
-            "share": round(
-                sum(1 for j in served if replies[j]["status"] == "ok") / max(1, len(ok)), 4
-            ),
-            "jobs": len(lat),
+            "share": round(len(good) / max(1, len(ok)), 4),
+            "jobs": len(good),
             "p50_ms": _round(_percentile(lat, 0.5)),
             "p99_ms": _round(_percentile(lat, 0.99)),
-            "errors": sum(1 for j in served if replies[j]["status"] != "ok"),
+            "errors": len(served) - len(good),
             "circuit": circuits.get(name, "?"),
         }
     all_lat = [latencies[j] for j in replies if j in latencies]
@@ -197,7 +197,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
     console = Console()
     table = Table(title="Per endpoint")
-    for col in ("endpoint", "share", "jobs", "p50 ms", "p99 ms", "errors", "circuit"):
+    for col in ("endpoint", "share", "jobs", "upstream p50 ms", "p99 ms", "errors", "circuit"):
         table.add_column(col, justify="left" if col in ("endpoint", "circuit") else "right")
     for name, e in summary["endpoints"].items():
         table.add_row(
@@ -210,7 +210,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
             e["circuit"],
         )
     console.print(table)
-    totals = Table(title="Totals")
+    totals = Table(title="Totals (latency: submit to reply, including queueing)")
     for col in (
         "jobs",
         "ok",

@@ -1,0 +1,40 @@
+"""A fake fleet of OpenAI-compatible upstreams for the demo, tests and benchmarks.
+
+Each endpoint of a scenario listens on its own loopback port and answers
+``POST /v1/chat/completions`` with seeded latency, lengths and faults (5xx,
+429, hangs, malformed bodies, missing usage, slow bodies, refused
+connections). docs/fleet.md describes the scenario format.
+"""
+
+from workers.fleet.plan import Outcome, Plan, plan_request
+from workers.fleet.runner import run_fleet, serve
+from workers.fleet.runtime import EndpointInfo, Fleet, endpoint_rng
+from workers.fleet.scenario import (
+    Endpoint,
+    Latency,
+    Scenario,
+    ScenarioError,
+    TokenRange,
+    Window,
+    load_scenario,
+)
+from workers.fleet.stats import EndpointStats
+
+__all__ = [
+    "Endpoint",
+    "EndpointInfo",
+    "EndpointStats",
+    "Fleet",
+    "Latency",
+    "Outcome",
+    "Plan",
+    "Scenario",
+    "ScenarioError",
+    "TokenRange",
+    "Window",
+    "endpoint_rng",
+    "load_scenario",
+    "plan_request",
+    "run_fleet",
+    "serve",
+]

@@ -1,0 +1,252 @@
+"""One fake upstream on its own port: the HTTP side of an :class:`Endpoint`.
+
+Uses aiohttp's low-level ``web.Server`` (no router, no middlewares): measured
+faster than ``web.Application`` for this handful of fixed paths (docs/fleet.md).
+The listening socket is our own ``asyncio.Server`` so a ``down`` window can
+really close it (connection refused) and reopen it on the same port later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import math
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from workers.fleet.plan import Outcome, Plan, plan_request
+from workers.fleet.scenario import Endpoint
+from workers.fleet.stats import EndpointStats
+from workers.fleet.wire import (
+    MALFORMED_BODY,
+    ChatCall,
+    Refusal,
+    completion_body,
+    error_body,
+    models_body,
+    parse_chat,
+    prompt_tokens,
+)
+
+__all__ = ["Admin", "EndpointServer"]
+
+_JSON = "application/json"
+_REBIND_TRIES = 50
+"""Reopening right after a close can meet EADDRINUSE while the old socket closes."""
+
+
+class Admin:
+    """The fleet-wide ``/fleet/*`` calls every endpoint serves: stats and reset."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]], reset: Callable[[], None]) -> None:
+        self.stats = stats
+        self.reset = reset
+
+
+class EndpointServer:
+    """Serves one endpoint; the fleet opens, closes and reads it."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        *,
+        key: str | None,
+        rng: random.Random,
+        clock: Callable[[], float],
+        host: str,
+        admin: Admin,
+    ) -> None:
+        self.endpoint = endpoint
+        self.host = host
+        self.port = endpoint.port
+        self.stats = EndpointStats()
+        self._auth = f"Bearer {key}" if key else None
+        self._rng = rng
+        self._clock = clock
+        self._admin = admin
+        self._seq = 0
+        self._slots = asyncio.Semaphore(endpoint.capacity) if endpoint.capacity else None
+        self._headers = {"Content-Type": _JSON, "x-fleet-endpoint": endpoint.name}
+        self._http = web.Server(self._handle, handler_cancellation=True, access_log=None)
+        self._listener: asyncio.Server | None = None
+        self._opened = False
+
+    @property
+    def listening(self) -> bool:
+        """Whether the port accepts connections now."""
+        return self._listener is not None
+
+    @property
+    def connections(self) -> int:
+        """Open client connections (idle keep-alive ones included)."""
+        return len(self._http.connections)
+
+    @property
+    def url(self) -> str:
+        """The OpenAI base URL clients use (``http://host:port/v1``)."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    async def open(self) -> None:
+        """Listen on the endpoint's port (the same one again after a close)."""
+        if self._listener is not None:
+            return
+        loop = asyncio.get_running_loop()
+        for attempt in range(_REBIND_TRIES):
+            try:
+                self._listener = await loop.create_server(
+                    self._http, self.host, self.port, reuse_address=True, backlog=1024
+                )
+                break
+            except OSError as exc:
+                reopening = self._opened
+                if not reopening or exc.errno != errno.EADDRINUSE or attempt == _REBIND_TRIES - 1:
+                    raise
+                await asyncio.sleep(0.02)
+        assert self._listener is not None
+        self.port = self._listener.sockets[0].getsockname()[1]
+        self._opened = True
+
+    async def close(self) -> None:
+        """Refuse new connections and cut the open ones, as a crashed upstream would."""
+        listener, self._listener = self._listener, None
+        if listener is None:
+            return
+        listener.close()
+        for connection in self._http.connections:
+            connection.force_close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(listener.wait_closed(), 1.0)
+        await asyncio.sleep(0)  # let the loop release the socket before a rebind
+
+    def _answer(
+        self, status: int, body: bytes, extra: dict[str, str] | None = None
+    ) -> web.Response:
+        self.stats.status(status)
+        headers = self._headers if extra is None else {**self._headers, **extra}
+        return web.Response(status=status, body=body, headers=headers)
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        path, method = request.path, request.method
+        if path == "/v1/chat/completions" and method == "POST":
+            return await self._chat(request)
+        if path == "/v1/models" and method == "GET":
+            self.stats.requests += 1
+            if self._auth is not None and request.headers.get("Authorization") != self._auth:
+                return self._answer(401, _BAD_KEY)
+            return self._answer(200, models_body(self.endpoint.models, 0, "fleet"))
+        if path == "/fleet/stats" and method == "GET":
+            return web.Response(body=orjson.dumps(self._admin.stats()), headers=self._headers)
+        if path == "/fleet/reset" and method == "POST":
+            self._admin.reset()
+            return web.Response(body=b'{"reset": true}', headers=self._headers)
+        message = f"Unknown request URL: {method} {path}."
+        return web.Response(
+            status=404,
+            body=error_body(message, "invalid_request_error", "unknown_url"),
+            headers=self._headers,
+        )
+
+    async def _chat(self, request: web.BaseRequest) -> web.StreamResponse:
+        stats = self.stats
+        stats.requests += 1
+        if self._auth is not None and request.headers.get("Authorization") != self._auth:
+            return self._answer(401, _BAD_KEY)
+        call = parse_chat(await request.read(), self.endpoint.models)
+        if isinstance(call, Refusal):
+            return self._answer(call.status, call.body)
+        plan = plan_request(self.endpoint, self._rng, self._clock(), call.max_tokens)
+        seq = self._seq = self._seq + 1
+        if plan.outcome is Outcome.RATE_LIMITED:
+            stats.outcome(plan.outcome.value)
+            return self._too_many("Rate limit reached for requests (fleet: rate_limit_rate).")
+        slots = self._slots
+        try:
+            if slots is not None:
+                if slots.locked() and self.endpoint.over_capacity == "429":
+                    stats.outcome("over_capacity")
+                    return self._too_many("Too many concurrent requests (fleet: capacity).")
+                if slots.locked():
+                    stats.queued += 1
+                    try:
+                        await slots.acquire()
+                    finally:
+                        stats.queued -= 1
+                else:
+                    await slots.acquire()  # a free slot: returns without waiting
+            stats.outcome(plan.outcome.value)
+            stats.enter()
+            try:
+                return await self._serve(request, call, plan, seq)
+            finally:
+                stats.in_flight -= 1
+                if slots is not None:
+                    slots.release()
+        except asyncio.CancelledError:
+            if plan.outcome is not Outcome.HANG:  # a hang always ends in a disconnect
+                stats.dropped += 1
+            raise
+
+    def _too_many(self, message: str) -> web.Response:
+        after = self.endpoint.retry_after_s
+        extra = {
+            "Retry-After": str(math.ceil(after)),
+            "retry-after-ms": str(round(after * 1000)),
+        }
+        return self._answer(429, error_body(message, "requests", "rate_limit_exceeded"), extra)
+
+    async def _serve(
+        self, request: web.BaseRequest, call: ChatCall, plan: Plan, seq: int
+    ) -> web.StreamResponse:
+        if plan.outcome is Outcome.HANG:
+            self.stats.hangs += 1
+            await asyncio.sleep(self.endpoint.hang_max_s)
+            # The cap is reached: drop the connection without a word, as a
+            # load balancer's idle timeout would.
+            if request.transport is not None:
+                request.transport.close()
+            raise asyncio.CancelledError
+        if plan.delay_s > 0:
+            await asyncio.sleep(plan.delay_s)
+        if plan.outcome is Outcome.ERROR:
+            message = "The server had an error while processing your request. (fleet: error_rate)"
+            return self._answer(self.endpoint.error_status, error_body(message, "server_error"))
+        if plan.outcome is Outcome.MALFORMED:
+            return self._answer(200, MALFORMED_BODY)
+        body = completion_body(
+            endpoint=self.endpoint.name,
+            seq=seq,
+            model=call.model,
+            created=int(time.time()),
+            completion_tokens=plan.completion_tokens,
+            finish_reason=plan.finish_reason,
+            prompt=prompt_tokens(call.messages),
+            usage=plan.usage,
+        )
+        if self.endpoint.drip_s <= 0:
+            return self._answer(200, body)
+        return await self._drip(request, body)
+
+    async def _drip(self, request: web.BaseRequest, body: bytes) -> web.StreamResponse:
+        """Send the headers, then the body in equal chunks spread over ``drip_s``."""
+        self.stats.status(200)
+        response = web.StreamResponse(status=200, headers=self._headers)
+        response.content_length = len(body)
+        await response.prepare(request)
+        chunks = self.endpoint.drip_chunks
+        size = max(1, math.ceil(len(body) / chunks))
+        for start in range(0, len(body), size):
+            await asyncio.sleep(self.endpoint.drip_s / chunks)
+            await response.write(body[start : start + size])
+        await response.write_eof()
+        return response
+
+
+_BAD_KEY = error_body(
+    "Incorrect API key provided. (fleet: api_key)", "invalid_request_error", "invalid_api_key"
+)
