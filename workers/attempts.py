@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import orjson
 
@@ -25,7 +25,7 @@ from workers.routing import (
     Progress,
     RetryBudget,
     Router,
-    TryNow,
+    Step,
     Wait,
     Work,
     next_step,
@@ -92,103 +92,70 @@ class Dispatcher:
     async def run(self, job: Job, model: str, *, deadline: float, hedge: bool) -> Served | Failed:
         """Serve ``job`` (``model`` is canonical) before ``deadline`` (monotonic seconds)."""
         work = Work(prompt_tokens=max(1, job.prompt_chars // 4), output_tokens=job.output_cap)
-        now = self._clock()
-        self.budget.record_request(now)
-        progress = Progress(attempts=0, tried=frozenset(), deadline=deadline)
+        self.budget.record_request(self._clock())
         choice = await self._first_choice(model, work, deadline)
         if isinstance(choice, NoChoice):
             return Failed(choice.code, choice.reason, 0, False, None, None)
         if log.isEnabledFor(logging.DEBUG):
             self._explain(job, model, work)
 
+        progress = Progress(attempts=0, tried=frozenset(), deadline=deadline)
         running: list[_Running] = []
-        hedged = False
         try:
             while True:
-                progress = Progress(
-                    attempts=progress.attempts + 1,
-                    tried=progress.tried | {choice.endpoint},
-                    deadline=deadline,
-                    hedged=hedged,
-                )
+                progress = progress.attempted(choice.endpoint)
                 running.append(self._start(choice, job, work, deadline))
-                outcome = await self._race(running, model, work, hedge and not hedged)
-                if isinstance(outcome, tuple):  # a hedge was started
-                    hedged = True
-                    progress = Progress(
-                        attempts=progress.attempts + 1,
-                        tried=progress.tried | {outcome[0].endpoint},
-                        deadline=deadline,
-                        hedged=True,
-                    )
-                    running.append(self._start(outcome[0], job, work, deadline))
-                    outcome = await self._race(running, model, work, False)
-                assert not isinstance(outcome, tuple)
-                if outcome.task.exception() is None:
-                    reply = outcome.task.result()
+                done = await self._race(running, model, work, deadline, progress, hedge)
+                if isinstance(done, Choice):  # the hedge timer fired and the core agreed
+                    progress = replace(progress.attempted(done.endpoint), hedged=True)
+                    running.append(self._start(done, job, work, deadline))
+                    done = await self._race(running, model, work, deadline, progress, False)
+                assert isinstance(done, _Running)
+                failure = done.task.exception()
+                if failure is None:
                     return Served(
-                        reply,
-                        outcome.choice.endpoint,
-                        outcome.choice.model,
+                        done.task.result(),
+                        done.choice.endpoint,
+                        done.choice.model,
                         progress.attempts,
-                        hedged,
-                        (self._clock() - outcome.started) * 1000,
+                        progress.hedged,
+                        (self._clock() - done.started) * 1000,
                     )
-                failure = outcome.task.exception()
                 assert isinstance(failure, UpstreamFailure)
-                step = next_step(
-                    progress,
-                    failure.kind,
-                    router=self.router,
-                    budget=self.budget,
-                    model=model,
-                    work=work,
-                    now=self._clock(),
-                    rand=self._rand,
-                    max_attempts=self._max_attempts,
-                    margin_s=self._margin_s,
-                )
+                step = self._next(progress, failure, model, work)
                 while isinstance(step, Wait):
                     await asyncio.sleep(step.delay_s)
-                    picked = self.router.pick(model, work=work, now=self._clock(), rand=self._rand)
-                    if isinstance(picked, Choice):
-                        step = TryNow(picked)
-                    elif self._clock() + self._margin_s >= deadline:
-                        step = GiveUp(ErrorCode.DEADLINE_EXCEEDED, "deadline passed while waiting")
-                    else:
-                        step = next_step(
-                            progress,
-                            failure.kind,
-                            router=self.router,
-                            budget=self.budget,
-                            model=model,
-                            work=work,
-                            now=self._clock(),
-                            rand=self._rand,
-                            max_attempts=self._max_attempts,
-                            margin_s=self._margin_s,
-                        )
+                    progress = progress.waited()
+                    step = self._next(progress, failure, model, work)
                 if isinstance(step, GiveUp):
                     return Failed(
                         step.code,
                         f"{step.message}; last: {failure}",
                         progress.attempts,
-                        hedged,
-                        outcome.choice.endpoint,
-                        outcome.choice.model,
+                        progress.hedged,
+                        done.choice.endpoint,
+                        done.choice.model,
                     )
                 choice = step.choice
         finally:
-            for r in running:
-                if not r.task.done():
-                    r.task.cancel()
-            for r in running:
-                if not r.task.done():
-                    with contextlib.suppress(asyncio.CancelledError, UpstreamFailure):
-                        await r.task
+            await _cancel_all(running)
+
+    def _next(self, progress: Progress, failure: UpstreamFailure, model: str, work: Work) -> Step:
+        return next_step(
+            progress,
+            failure.kind,
+            router=self.router,
+            budget=self.budget,
+            model=model,
+            work=work,
+            now=self._clock(),
+            rand=self._rand,
+            max_attempts=self._max_attempts,
+            margin_s=self._margin_s,
+        )
 
     async def _first_choice(self, model: str, work: Work, deadline: float) -> Choice | NoChoice:
-        """Pick, waiting once for a cooldown to end when that is before the deadline."""
+        """Pick, waiting for a cooldown to end when that is before the deadline."""
         choice = self.router.pick(model, work=work, now=self._clock(), rand=self._rand)
         while isinstance(choice, NoChoice) and choice.retry_at is not None:
             now = self._clock()
@@ -204,58 +171,62 @@ class Dispatcher:
         return _Running(choice, task, started)
 
     async def _race(
-        self, running: list[_Running], model: str, work: Work, may_hedge: bool
-    ) -> _Running | tuple[Choice]:
+        self,
+        running: list[_Running],
+        model: str,
+        work: Work,
+        deadline: float,
+        progress: Progress,
+        may_hedge: bool,
+    ) -> _Running | Choice:
         """Wait for the first success, or for every attempt to fail.
 
-        With ``may_hedge``, a timer runs beside the single attempt; when it
-        fires and the core agrees, the second choice is returned to start.
+        While one attempt runs and the job may hedge, a timer runs beside it;
+        when it fires and the core agrees, the hedge's choice is returned.
         """
         hedge_at: float | None = None
-        if may_hedge and len(running) == 1:
-            delay = self.router.hedge_delay(running[0].choice.endpoint, work=work)
+        if may_hedge and not progress.hedged and len(running) == 1:
+            first = running[0]
+            delay = self.router.hedge_delay(first.choice.endpoint, work=work, model=model)
             if delay is not None:
-                hedge_at = running[0].started + delay
+                hedge_at = first.started + delay
         while True:
-            pending = [r for r in running if not r.task.done()]
+            pending = [r.task for r in running if not r.task.done()]
             if not pending:
-                # Every attempt failed: report the last one to finish.
-                return running[-1]
+                return running[-1]  # all failed: report the last to start
             timeout = None if hedge_at is None else max(0.0, hedge_at - self._clock())
             done, _ = await asyncio.wait(
-                [r.task for r in pending], timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
             for r in running:
                 if r.task in done and r.task.exception() is None:
                     return r
             if done:
-                finished = [r for r in running if r.task in done]
-                if not [r for r in running if not r.task.done()]:
-                    return finished[-1]
                 continue
-            # The hedge timer fired with the first attempt still running.
             hedge_at = None
-            second = self._hedge_choice(running[0], model, work)
+            first = running[0]
+            second = should_hedge(
+                first.choice,
+                router=self.router,
+                budget=self.budget,
+                model=model,
+                work=work,
+                now=self._clock(),
+                rand=self._rand,
+                started=first.started,
+                deadline=deadline,
+                margin_s=self._margin_s,
+                exclude=progress.tried,
+            )
             if second is not None:
-                return (second,)
-
-    def _hedge_choice(self, first: _Running, model: str, work: Work) -> Choice | None:
-        return should_hedge(
-            first.choice,
-            router=self.router,
-            budget=self.budget,
-            model=model,
-            work=work,
-            now=self._clock(),
-            rand=self._rand,
-        )
+                return second
 
     async def _attempt(
         self, choice: Choice, job: Job, work: Work, deadline: float
     ) -> UpstreamReply:
         router = self.router
         now = self._clock()
-        attempt = router.begin(choice.endpoint, work=work, now=now)
+        attempt = router.begin(choice.endpoint, work=work, now=now, model=choice.model)
         timeout = router.attempt_timeout(choice.endpoint, work=work, remaining_s=deadline - now)
         body = orjson.dumps({**job.body, "model": choice.upstream_model})
         try:
@@ -286,3 +257,14 @@ class Dispatcher:
                 for c in candidates
             ),
         )
+
+
+async def _cancel_all(running: list[_Running]) -> None:
+    """Cancel attempts still running (a hedge's loser, or all on shutdown) and wait."""
+    for r in running:
+        if not r.task.done():
+            r.task.cancel()
+    for r in running:
+        if not r.task.done():
+            with contextlib.suppress(asyncio.CancelledError, UpstreamFailure):
+                await r.task

@@ -30,7 +30,7 @@ from schemas.topology import plan
 from workers.amqp import Publisher, connect, dead_letter_message, reply_message
 from workers.attempts import Dispatcher, Failed, Served
 from workers.errors import BrokerFailure, Unroutable
-from workers.routing import EndpointSpec, RetryBudget, Router, RoutingConfig
+from workers.routing import EndpointSpec, RetryBudget, Router, RoutingConfig, disposition
 from workers.upstream import Target, Upstream, make_upstream
 
 __all__ = ["Worker", "WorkerStats"]
@@ -80,13 +80,20 @@ class Worker:
         self._declare = declare_topology
         self._upstream = upstream
         self._endpoints = {e.name: e for e in settings.endpoints}
+        w = settings.worker
+        config = routing or RoutingConfig(
+            max_attempts=w.max_attempts,
+            budget_ratio=w.retry_budget_ratio,
+            budget_min_per_s=w.retry_budget_min_per_s,
+            deadline_margin_s=w.deadline_margin_ms / 1000,
+        )
         self.router = Router(
             [EndpointSpec.from_settings(e) for e in settings.endpoints],
             settings.models,
-            routing or RoutingConfig(max_attempts=settings.worker.max_attempts),
+            config,
+            rand=random.random,
         )
-        w = settings.worker
-        self.budget = RetryBudget(w.retry_budget_ratio, w.retry_budget_min_per_s)
+        self.budget = RetryBudget.from_config(config)
         self._defaults = {k: c.default_sla_ms for k, c in settings.topology.classes.items()}
         self._hedge = {k: c.hedge for k, c in settings.topology.classes.items()}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -123,8 +130,8 @@ class Worker:
             budget=self.budget,
             upstream=upstream,
             targets={name: Target.from_settings(e) for name, e in self._endpoints.items()},
-            max_attempts=self.settings.worker.max_attempts,
-            margin_s=self.settings.worker.deadline_margin_ms / 1000,
+            max_attempts=self.router.config.max_attempts,
+            margin_s=self.router.config.deadline_margin_s,
             clock=time.monotonic,
             rand=random.random,
         )
@@ -292,10 +299,11 @@ class Worker:
             self._recent.popitem(last=False)
 
     async def _settle(self, message: AbstractIncomingMessage, outcome: _Outcome) -> None:
-        """Reply, dead-letter if it failed, then ack: in that order, each confirmed."""
+        """Carry out the core's disposition: reply, dead letter, then ack, each confirmed."""
         assert self._publisher is not None
+        plan = disposition(outcome.code, has_reply_to=bool(message.reply_to))
         extra: dict[str, Any] = {}
-        if message.reply_to:
+        if plan.reply and message.reply_to:
             try:
                 await self._publisher.publish(
                     reply_message(
@@ -307,17 +315,14 @@ class Worker:
                     routing_key=message.reply_to,
                 )
             except Unroutable:
-                # The caller's queue is gone: keep the answer with the dead letter.
+                plan = disposition(outcome.code, has_reply_to=True, reply_unroutable=True)
                 extra = {"reply-error": "reply_to queue does not exist", "reply": outcome.reply}
-        code = outcome.code
-        if code is None and extra:
-            code = ErrorCode.INTERNAL_ERROR
-        if code is not None or extra:
-            assert code is not None
+        if plan.dead_letter:
+            assert plan.code is not None
             await self._dead_letter(
                 message,
-                code,
-                outcome.message or "reply could not be delivered",
+                plan.code,
+                outcome.message or "the reply could not be delivered",
                 outcome.attempts,
                 extra,
             )
@@ -326,9 +331,8 @@ class Worker:
             self.stats.ok += 1
         else:
             self.stats.errors += 1
-            self.stats.by_code[outcome.code.value] = (
-                self.stats.by_code.get(outcome.code.value, 0) + 1
-            )
+            code = outcome.code.value
+            self.stats.by_code[code] = self.stats.by_code.get(code, 0) + 1
 
     async def _dead_letter(
         self,

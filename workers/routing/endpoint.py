@@ -1,0 +1,305 @@
+"""The router's live view of one endpoint: what it costs now, whether it may be used.
+
+Cost of sending a job of ``n`` output tokens (all in seconds)::
+
+    predicted = max(level, oldest_pending_age / shape(n_oldest)) · shape(n)   # success path
+              + failure_rate · failure_cost                                    # expected failure
+    cost      = predicted · (1 + in_flight / capacity)                         # soft load
+
+* ``level``/``shape``: see :mod:`workers.routing.estimator`.
+* The oldest pending request is a lower bound: if it has been running 3× its
+  usual time, the endpoint is at least 3× slow now, before any response says so.
+* ``failure_rate · failure_cost``: a fast 5xx costs little (its own latency,
+  then a retry elsewhere), a hang costs a whole timeout.
+* Load is a distance to capacity, not a queue: LLM servers run requests in
+  parallel, so ``(in_flight + 1)`` (Finagle/Linkerd) would spread traffic onto
+  slow endpoints. ``capacity`` is ``max_concurrency``, lowered by 429s (AIMD).
+* Idle decay: while nothing is in flight, the level and the failure rate fade
+  toward 0 (Finagle's "observe 0"), so an avoided endpoint wins a pick again.
+  As soon as that probe is in flight the undecayed values apply again, so a
+  recovering endpoint gets one probe, not a herd.
+* Cold (no sample yet): its cost is only its failure term (≈ 0), so it is tried
+  first (Finagle, Linkerd), but while that probe is in flight it sits behind
+  every warm endpoint (``COLD_PENALTY_S``): one probe at a time. Its
+  ``predicted_s`` is ``cold_s``, the fleet's best shape, for deadline checks.
+"""
+
+from __future__ import annotations
+
+from workers.routing.config import EndpointSpec, RoutingConfig
+from workers.routing.estimator import LatencyEstimator
+from workers.routing.failures import FailureKind
+from workers.routing.health import Circuit, CircuitState, FailureStats, Unusable
+from workers.routing.limits import AimdLimit, Cooldown, TokenBucket
+from workers.routing.values import EndpointStatus, Skip
+
+__all__ = ["COLD_PENALTY_S", "EndpointState"]
+
+COLD_PENALTY_S = 1e9
+"""Added to the cost of a cold endpoint whose first probe is still out."""
+_TINY = 1e-9
+
+
+class EndpointState:
+    """Mutable per-endpoint state; ``repr`` shows its health."""
+
+    __slots__ = (
+        "_fail_busy",
+        "_fail_idle",
+        "_gran",
+        "_read_at",
+        "_w_level",
+        "attempts",
+        "cancelled",
+        "capacity",
+        "circuit",
+        "config",
+        "cooldown",
+        "failed",
+        "failures",
+        "in_flight",
+        "latency",
+        "name",
+        "pending",
+        "predicted_s",
+        "rate_limited",
+        "rpm",
+        "spec",
+        "successes",
+        "tpm",
+        "unusable",
+    )
+
+    def __init__(self, spec: EndpointSpec, config: RoutingConfig) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.config = config
+        self.latency = LatencyEstimator(config)
+        self.failures = FailureStats(config)
+        self.circuit = Circuit(config)
+        self.capacity = AimdLimit(spec.max_concurrency, config.aimd_backoff)
+        self.rpm = None if spec.rpm is None else TokenBucket(spec.rpm)
+        self.tpm = None if spec.tpm is None else TokenBucket(spec.tpm)
+        self.in_flight = 0
+        # attempt id -> (started, predicted output tokens); insertion order is
+        # start order, so the first entry is the oldest pending request.
+        self.pending: dict[int, tuple[float, float]] = {}
+        self.cooldown = Cooldown(config)
+        self.unusable = Unusable()
+        self.predicted_s = 0.0
+        self.attempts = self.successes = self.failed = self.rate_limited = self.cancelled = 0
+        self._gran = config.decay_granularity_s
+        self._read_at = float("-inf")
+        self._w_level = 1.0
+        self._fail_busy = self._fail_idle = 0.0
+
+    def __repr__(self) -> str:
+        lat = self.latency
+        return (
+            f"<EndpointState {self.name} in_flight={self.in_flight}/{self.capacity.value}"
+            f" level={lat.level:.3g} base={lat.base_s:.3g}s per_token={lat.per_token_s:.3g}s"
+            f" samples={lat.samples} fail_rate={self.failures.rate:.3f}"
+            f" consecutive={self.circuit.consecutive} ejections={self.circuit.ejections}"
+            f" open_until={self.circuit.open_until} cooldown_until={self.cooldown.until:.3f}>"
+        )
+
+    # --- reading -------------------------------------------------------------
+
+    def blocked(self, model: str, now: float, need_tokens: float, *, panic: bool) -> Skip | None:
+        """Why this endpoint cannot take the job now, or None. Hot path."""
+        if self.unusable and self.unusable.until(model, now) is not None:
+            return Skip.UNUSABLE
+        circuit = self.circuit
+        if circuit.open_until is not None and not panic:
+            if now < circuit.open_until:
+                return Skip.EJECTED
+            if circuit.probing:
+                return Skip.PROBING
+        if now < self.cooldown.until:
+            return Skip.COOLDOWN
+        if self.in_flight >= self.capacity.value:
+            return Skip.BUSY
+        if self.rpm is not None and not self.rpm.can_take(1.0, now):
+            return Skip.RATE_LIMIT
+        if self.tpm is not None and not self.tpm.can_take(need_tokens, now):
+            return Skip.RATE_LIMIT
+        return None
+
+    def ejected(self, now: float) -> bool:
+        """Ejected and not (yet) admitting its half-open probe."""
+        c = self.circuit
+        return c.open_until is not None and (now < c.open_until or c.probing)
+
+    def available_at(self, skip: Skip, model: str, now: float, need: float) -> float | None:
+        """When ``skip`` stops applying by itself; None when it takes a completion."""
+        if skip is Skip.UNUSABLE:
+            return self.unusable.until(model, now)
+        if skip is Skip.EJECTED:
+            return self.circuit.open_until
+        if skip is Skip.COOLDOWN:
+            return self.cooldown.until
+        if skip is Skip.RATE_LIMIT:
+            times = [now]
+            if self.rpm is not None:
+                times.append(self.rpm.ready_at(1.0, now))
+            if self.tpm is not None:
+                times.append(self.tpm.ready_at(need, now))
+            return max(times)
+        return None
+
+    def score(self, now: float, tokens: float, cold_s: float) -> float:
+        """Cost of sending ``tokens`` output tokens here now; sets ``predicted_s``. Hot path."""
+        if now - self._read_at >= self._gran or now < self._read_at:
+            self._refresh(now)
+        lat = self.latency
+        busy = self.in_flight
+        if lat.samples:
+            level = lat.level if busy else lat.level * self._w_level
+            if busy:
+                started, old_tokens = next(iter(self.pending.values()))
+                floor = (now - started) / max(lat.base_s + lat.per_token_s * old_tokens, _TINY)
+                if floor > level:
+                    level = floor
+            predicted = level * (lat.base_s + lat.per_token_s * tokens)
+        else:
+            predicted = cold_s
+            if busy:
+                age = now - next(iter(self.pending.values()))[0]
+                if age > predicted:
+                    predicted = age
+        fail = self._fail_busy if busy else self._fail_idle
+        predicted += fail
+        self.predicted_s = predicted
+        if not lat.samples:
+            # Finagle: a new endpoint is tried first, but only once until it answers.
+            return COLD_PENALTY_S + predicted * (1.0 + busy) if busy else fail
+        return predicted * (1.0 + busy / self.capacity.value)
+
+    def _refresh(self, now: float) -> None:
+        # One exp() per endpoint per decay_granularity_s instead of per pick.
+        self._read_at = now
+        self._w_level = self.latency.decay(now)
+        f = self.failures
+        self._fail_busy = f.rate * f.cost_s
+        self._fail_idle = self._fail_busy * f.decay(now)
+
+    def state(self, now: float) -> str:
+        if self.unusable and all(self.unusable.until(m, now) is not None for m in self.spec.models):
+            return "unusable"
+        circuit = self.circuit.state(now)
+        if circuit is not CircuitState.CLOSED:
+            return circuit.value
+        return "cooldown" if now < self.cooldown.until else "closed"
+
+    def status(self, now: float) -> EndpointStatus:
+        lat, f, c = self.latency, self.failures, self.circuit
+        state = self.state(now)
+        available = {"open": c.open_until, "cooldown": self.cooldown.until}.get(state)
+        return EndpointStatus(
+            name=self.name,
+            state=state,
+            in_flight=self.in_flight,
+            capacity=self.capacity.value,
+            max_concurrency=self.spec.max_concurrency,
+            predicted_s=self.predicted_s if lat.samples else None,
+            level=lat.level,
+            base_s=lat.base_s,
+            per_token_s=lat.per_token_s,
+            samples=lat.samples,
+            failure_rate=f.rate,
+            failure_cost_s=f.cost_s,
+            consecutive_failures=c.consecutive,
+            ejections=c.ejections,
+            attempts=self.attempts,
+            successes=self.successes,
+            failures=self.failed,
+            rate_limited=self.rate_limited,
+            cancelled=self.cancelled,
+            available_at=available,
+            unusable_models=self.unusable.models(now),
+        )
+
+    # --- writing -------------------------------------------------------------
+
+    def begin(self, attempt_id: int, now: float, tokens: float, reserve: float) -> bool:
+        """An attempt starts; returns True when it is the half-open probe."""
+        self.pending[attempt_id] = (now, tokens)
+        self.in_flight += 1
+        self.attempts += 1
+        if self.rpm is not None:
+            self.rpm.take(1.0, now)
+        if self.tpm is not None:
+            self.tpm.take(reserve, now)
+        return self.circuit.on_begin(now)
+
+    def _finish(self, attempt_id: int) -> bool:
+        if self.pending.pop(attempt_id, None) is None:
+            return False  # already finished: a hedge race or a double call
+        self.in_flight -= 1
+        self._read_at = float("-inf")
+        return True
+
+    def succeed(
+        self,
+        attempt_id: int,
+        now: float,
+        *,
+        started: float,
+        tokens: float,
+        unused_tokens: float,
+        probe: bool,
+    ) -> bool:
+        """Record a success; False when the attempt had already finished."""
+        busy = self.in_flight
+        if not self._finish(attempt_id):
+            return False
+        self.successes += 1
+        self.cooldown.streak = 0  # the 429 doubling starts over
+        self.latency.observe(now - started, tokens, now)
+        self.failures.observe(now, failed=False)
+        if self.circuit.on_success(now, probe):
+            self.failures.reset()
+        self.capacity.on_success(busy)
+        if self.tpm is not None:
+            self.tpm.give(unused_tokens)
+        return True
+
+    def fail(
+        self,
+        attempt_id: int,
+        kind: FailureKind,
+        now: float,
+        *,
+        started: float,
+        model: str | None,
+        probe: bool,
+        jitter: float,
+        retry_after_s: float | None,
+        reserved: float,
+    ) -> None:
+        if not self._finish(attempt_id):
+            return
+        if kind.endpoint_failure:
+            self.failed += 1
+            self.failures.observe(now, failed=True, elapsed_s=now - started)
+            self.circuit.on_failure(now, probe=probe, jitter=jitter, stats=self.failures)
+            if retry_after_s is not None:  # a 503 that says when to come back
+                self.cooldown.hold(now, retry_after_s, jitter)
+            if kind is FailureKind.REFUSED:  # never reached the upstream's limiter
+                if self.rpm is not None:
+                    self.rpm.give(1.0)
+                if self.tpm is not None:
+                    self.tpm.give(reserved)
+            return
+        self.circuit.on_cancel(probe)  # the probe did not test health
+        if kind is FailureKind.RATE_LIMITED:
+            self.rate_limited += 1
+            self.capacity.on_rate_limited()
+            self.cooldown.rate_limited(now, retry_after_s, jitter)
+        elif kind.marks_unusable:
+            self.unusable.mark(model, now + self.config.auth_unusable_s)
+
+    def cancel(self, attempt_id: int, *, probe: bool) -> None:
+        if self._finish(attempt_id):
+            self.cancelled += 1
+            self.circuit.on_cancel(probe)

@@ -1,0 +1,296 @@
+"""The router: which endpoint gets a job, and what each attempt taught us.
+
+Pure and synchronous: the caller passes the clock (``now``, monotonic
+seconds) and randomness (``rand() -> [0, 1)``) and does all I/O. One Router
+per worker process; it is not thread-safe (the worker is one event loop).
+
+Per job: ``pick`` → ``begin`` → one of ``succeed`` / ``fail`` / ``cancel``.
+Models: a name may be an alias; ``pick`` tries the model's endpoints, then
+each configured fallback model in order (direct fallbacks only, no chains).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+from schemas.errors import ErrorCode
+from workers.routing import timeouts
+from workers.routing.catalog import Catalog
+from workers.routing.config import EndpointSpec, ModelRules, RoutingConfig, Work
+from workers.routing.endpoint import EndpointState
+from workers.routing.failures import FailureKind
+from workers.routing.policy import LatencyPolicy, Policy
+from workers.routing.values import Attempt, Candidate, Choice, EndpointStatus, NoChoice, Skip
+from workers.routing.workload import Workload
+
+__all__ = ["Router"]
+
+
+def _half() -> float:
+    return 0.5
+
+
+class Router:
+    """Routing state of every endpoint of one worker."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[EndpointSpec],
+        models: Mapping[str, ModelRules] | None = None,
+        config: RoutingConfig | None = None,
+        policy: Policy | None = None,
+        *,
+        rand: Callable[[], float] | None = None,
+    ) -> None:
+        """Build the routing tables; raises ValueError on an inconsistent configuration.
+
+        ``rand`` jitters ejection and cooldown times (pass ``random.random``);
+        without it they are not jittered, which only matters across workers.
+        """
+        self.config = config if config is not None else RoutingConfig()
+        self.policy: Policy = policy if policy is not None else LatencyPolicy()
+        self._rand = rand if rand is not None else _half
+        self._states: dict[str, EndpointState] = {}
+        self._serving: dict[str, list[tuple[EndpointState, str]]] = {}
+        for spec in endpoints:
+            if spec.name in self._states:
+                raise ValueError(f"endpoint name {spec.name!r} is used twice")
+            state = EndpointState(spec, self.config)
+            self._states[spec.name] = state
+            for model, upstream in spec.models.items():
+                self._serving.setdefault(model, []).append((state, upstream))
+        self.catalog = Catalog(self._serving, models or {})
+        self.workload = Workload(self.config)
+        self._costs: list[float] = []
+        self._eligible: list[tuple[EndpointState, str]] = []
+        self._next_id = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"<Router endpoints={len(self._states)} models={len(self._serving)}"
+            f" policy={self.policy.name}>"
+        )
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        return tuple(self._states)
+
+    def resolve(self, model: str) -> str | None:
+        """The canonical name of a model or alias; None when nothing serves it."""
+        return self.catalog.canonical(model)
+
+    # --- choosing ----------------------------------------------------------------
+
+    def pick(
+        self,
+        model: str,
+        *,
+        work: Work,
+        now: float,
+        rand: Callable[[], float],
+        exclude: frozenset[str] = frozenset(),
+    ) -> Choice | NoChoice:
+        """The endpoint for ``work`` now, trying fallback models in order."""
+        chain = self.catalog.chain(model)
+        if chain is None:
+            return NoChoice(ErrorCode.UNKNOWN_MODEL, f"no endpoint serves model {model!r}", None)
+        for name in chain:
+            choice = self._pick_model(name, work, now, rand, exclude)
+            if choice is not None:
+                return choice
+        return self._no_choice(chain, work, now, exclude)
+
+    def _pick_model(
+        self, model: str, work: Work, now: float, rand: Callable[[], float], exclude: frozenset[str]
+    ) -> Choice | None:
+        entries = self._serving[model]
+        workload = self.workload
+        tokens = workload.tokens(model, work)
+        need = workload.reserve(work)
+        cold = workload.cold_s(model, now, tokens, entries)
+        costs, eligible = self._costs, self._eligible
+        costs.clear()
+        eligible.clear()
+        ejected = 0
+        for entry in entries:
+            state = entry[0]
+            if exclude and state.name in exclude:
+                ejected += state.ejected(now)
+                continue
+            skip = state.blocked(model, now, need, panic=False)
+            if skip is None:
+                costs.append(state.score(now, tokens, cold))
+                eligible.append(entry)
+            elif state.ejected(now):
+                ejected += 1
+        if ejected > self.config.max_eject_fraction * len(entries):
+            # Panic (Envoy): with most endpoints ejected, health says more about
+            # the observer than the fleet; route over them all.
+            for entry in entries:
+                state = entry[0]
+                if not state.ejected(now) or (exclude and state.name in exclude):
+                    continue
+                if state.blocked(model, now, need, panic=True) is None:
+                    costs.append(state.score(now, tokens, cold))
+                    eligible.append(entry)
+        if not costs:
+            return None
+        state, upstream = eligible[self.policy.choose(costs, rand)]
+        return Choice(state.name, model, upstream, state.predicted_s)
+
+    def _panic(self, model: str, now: float) -> bool:
+        entries = self._serving[model]
+        ejected = sum(1 for state, _ in entries if state.ejected(now))
+        return ejected > self.config.max_eject_fraction * len(entries)
+
+    def _no_choice(
+        self, chain: Sequence[str], work: Work, now: float, exclude: frozenset[str]
+    ) -> NoChoice:
+        capacity = False
+        retry_at: float | None = None
+        parts: list[str] = []
+        need = self.workload.reserve(work)
+        candidates = self._candidates(chain, work, now, exclude)
+        # pick() just found every candidate blocked; the filter only satisfies the types.
+        for candidate, skip in [(c, Skip(c.skip)) for c in candidates if c.skip is not None]:
+            capacity = capacity or skip.capacity
+            state = self._states[candidate.name]
+            at = state.available_at(skip, candidate.model, now, need)
+            if at is not None and (retry_at is None or at < retry_at):
+                retry_at = at
+            parts.append(f"{candidate.name}={skip.value}")
+        code = ErrorCode.OVER_CAPACITY if capacity else ErrorCode.NO_HEALTHY_ENDPOINT
+        reason = f"no usable endpoint for {'/'.join(chain)}: {', '.join(parts)}"
+        return NoChoice(code, reason, retry_at)
+
+    def explain(self, model: str, *, work: Work, now: float) -> list[Candidate]:
+        """Every endpoint considered for ``model`` and its fallbacks, with cost or skip reason."""
+        return list(self._candidates(self.catalog.chain(model) or (), work, now, frozenset()))
+
+    def _candidates(
+        self, chain: Iterable[str], work: Work, now: float, exclude: frozenset[str]
+    ) -> Iterable[Candidate]:
+        need = self.workload.reserve(work)
+        for model in chain:
+            tokens = self.workload.tokens(model, work)
+            cold = self.workload.cold_s(model, now, tokens, self._serving[model])
+            panic = self._panic(model, now)
+            for state, _ in self._serving[model]:
+                skip = (
+                    Skip.EXCLUDED
+                    if state.name in exclude
+                    else state.blocked(model, now, need, panic=panic)
+                )
+                cost = state.score(now, tokens, cold)
+                yield Candidate(
+                    state.name, model, state.predicted_s, cost, None if skip is None else skip.value
+                )
+
+    # --- attempts ------------------------------------------------------------------
+
+    def _state(self, endpoint: str) -> EndpointState:
+        state = self._states.get(endpoint)
+        if state is None:
+            raise ValueError(f"unknown endpoint {endpoint!r}")
+        return state
+
+    def begin(self, endpoint: str, *, work: Work, now: float, model: str | None = None) -> Attempt:
+        """An attempt starts: in-flight += 1, rpm/tpm reserved, half-open probe marked.
+
+        Pass ``model`` (``Choice.model``) so that a 401/403/404 marks only that
+        model unusable; without it, an endpoint serving several models is
+        marked unusable for all of them.
+        """
+        state = self._state(endpoint)
+        if model is None and len(state.spec.models) == 1:
+            model = next(iter(state.spec.models))
+        tokens = self.workload.tokens(model, work)
+        reserve = self.workload.reserve(work)
+        self._next_id += 1
+        probe = state.begin(self._next_id, now, tokens, reserve)
+        return Attempt(self._next_id, endpoint, model, work, now, tokens, reserve, probe)
+
+    def succeed(self, attempt: Attempt, *, now: float, output_tokens: int | None) -> None:
+        """The attempt answered: a latency sample, health restored."""
+        state = self._state(attempt.endpoint)
+        first = state.latency.samples == 0
+        tokens = attempt.tokens if output_tokens is None else float(output_tokens)
+        used = attempt.work.prompt_tokens + tokens
+        done = state.succeed(
+            attempt.id,
+            now,
+            started=attempt.started,
+            tokens=tokens,
+            unused_tokens=attempt.reserved - used if output_tokens is not None else 0.0,
+            probe=attempt.probe,
+        )
+        if not done:
+            return
+        if first:
+            self.workload.forget_cold()
+        if output_tokens is not None and attempt.model is not None:
+            self.workload.observe(attempt.model, tokens)
+
+    def fail(
+        self,
+        attempt: Attempt,
+        kind: FailureKind,
+        *,
+        now: float,
+        retry_after_s: float | None = None,
+        rand: Callable[[], float] | None = None,
+    ) -> None:
+        """The attempt failed; what that does depends on ``kind`` (see FailureKind)."""
+        self._state(attempt.endpoint).fail(
+            attempt.id,
+            kind,
+            now,
+            started=attempt.started,
+            model=attempt.model,
+            probe=attempt.probe,
+            jitter=(rand or self._rand)(),
+            retry_after_s=retry_after_s,
+            reserved=attempt.reserved,
+        )
+
+    def cancel(self, attempt: Attempt, *, now: float) -> None:
+        """The attempt was abandoned (hedge loser, shutdown): no sample either way."""
+        self._state(attempt.endpoint).cancel(attempt.id, probe=attempt.probe)
+
+    # --- timing --------------------------------------------------------------------
+
+    def attempt_timeout(self, endpoint: str, *, work: Work, remaining_s: float) -> float:
+        """How long one attempt may take (see :func:`timeouts.attempt_timeout`)."""
+        state = self._state(endpoint)
+        cap = work.output_tokens
+        return timeouts.attempt_timeout(
+            state.latency,
+            self.config,
+            cap_tokens=cap if cap is not None else self.config.default_max_tokens,
+            bound_s=state.spec.timeout_s,
+            remaining_s=remaining_s,
+        )
+
+    def hedge_delay(self, endpoint: str, *, work: Work, model: str | None = None) -> float | None:
+        """The endpoint's p95 latency for this job; None until enough samples."""
+        state = self._state(endpoint)
+        if model is None and len(state.spec.models) == 1:
+            model = next(iter(state.spec.models))
+        return timeouts.hedge_delay(
+            state.latency, self.config, tokens=self.workload.tokens(model, work)
+        )
+
+    # --- status --------------------------------------------------------------------
+
+    def snapshot(self, *, now: float) -> list[EndpointStatus]:
+        """Health of every endpoint, as data."""
+        return [state.status(now) for state in self._states.values()]
+
+    def observe_remote(self, endpoint: str, *, ejected_for_s: float, now: float) -> None:
+        """Another worker ejected ``endpoint``: hold it open as long (gossip hook).
+
+        Does not count toward this worker's ejection streak; unknown names are ignored.
+        """
+        state = self._states.get(endpoint)
+        if state is not None and ejected_for_s > 0:
+            state.circuit.hold(now + ejected_for_s)
