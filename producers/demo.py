@@ -248,7 +248,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
     verdict = (
         "[green]nothing lost[/]" if summary["lost"] == 0 else f"[red]{summary['lost']} LOST[/]"
     )
-    console.print(verdict + " — inspect the dead letters with: llmq dlq list")
+    console.print(verdict + " — the dead letters stay in the dead-letter queue (llmq.dead)")
 
 
 @click.command("demo")

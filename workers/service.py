@@ -49,6 +49,7 @@ class WorkerStats:
     dead_letters: int = 0
     requeued: int = 0
     duplicates: int = 0
+    reconnects: int = 0
     in_flight: int = 0
     by_code: dict[str, int] = field(default_factory=dict)
 
@@ -118,6 +119,7 @@ class Worker:
         hb = self.settings.broker.heartbeat_s
         self._publish_conn = await connect(url, name=f"llmq-worker-pub {self.name}", heartbeat_s=hb)
         self._consume_conn = await connect(url, name=f"llmq-worker {self.name}", heartbeat_s=hb)
+        self._consume_conn.reconnect_callbacks.add(self._reconnected)
         if self._declare:
             from producers.topology import apply_topology
 
@@ -148,6 +150,12 @@ class Worker:
             self.name,
             ", ".join(f"{e.name}[{','.join(sorted(e.models))}]" for e in self.settings.endpoints),
             ", ".join(topo.queue_name(c) for c in sorted(topo.classes)),
+        )
+
+    def _reconnected(self, *_: object) -> None:
+        self.stats.reconnects += 1
+        log.warning(
+            "worker %s reconnected to the broker (%d so far)", self.name, self.stats.reconnects
         )
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -393,6 +401,7 @@ class Worker:
             "errors": self.stats.errors,
             "dead_letters": self.stats.dead_letters,
             "requeued": self.stats.requeued,
+            "reconnects": self.stats.reconnects,
             "in_flight": self.stats.in_flight,
             "by_code": dict(self.stats.by_code),
         }

@@ -230,3 +230,22 @@ async def test_same_job_delivered_twice_is_answered(
             await caller.publish(chat(), job_id="twice")
             await caller.wait_for(lambda: len(caller.replies["twice"]) == 2)
     assert [r["status"] for r in caller.replies["twice"]] == ["ok", "ok"]
+
+
+async def test_debug_log_explains_each_pick(
+    make_settings: Callable[..., Settings],
+    connection: aio_pika.abc.AbstractConnection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with running_fleet(
+        {"name": "up", "models": ["m1"]}, {"name": "down", "models": ["m1"]}
+    ) as fleet:
+        await fleet.set_down("down", True)
+        async with started(make_settings(fleet), connection) as (_, caller):
+            caplog.set_level("DEBUG", logger="llmq.worker")
+            for _ in range(8):  # enough to see "down" fail and get skipped or costed
+                job = await caller.publish(chat())
+                await caller.wait_for(lambda job=job: job in caller.replies)
+    lines = [r.getMessage() for r in caplog.records if "candidates:" in r.getMessage()]
+    assert len(lines) == 8
+    assert all("up cost=" in line and "down" in line for line in lines)
