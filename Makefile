@@ -22,9 +22,10 @@ demo: install
 	@scripts/ensure-rabbitmq
 	.venv/bin/llmq demo
 
-bench: install
+bench:
+	@scripts/install bench
 	@scripts/ensure-rabbitmq
-	.venv/bin/python -m bench all
+	LITELLM_LOCAL_MODEL_COST_MAP=True .venv-bench/bin/python -m bench all
 
 clean:
-	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov
+	rm -rf .venv .venv-bench .pytest_cache .mypy_cache .ruff_cache .coverage htmlcov

@@ -40,6 +40,7 @@ __all__ = [
     "ConfigError",
     "EndpointModel",
     "EndpointSettings",
+    "GatewaySettings",
     "ModelSettings",
     "Settings",
     "TopologySettings",
@@ -212,6 +213,25 @@ class WorkerSettings(_Strict):
     """Worker name in dead letters and status; defaults to host:pid."""
 
 
+class GatewaySettings(_Strict):
+    """``llmq gateway``: the OpenAI-compatible HTTP front door."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    api_keys_env: str | None = Field(
+        default="LLMQ_GATEWAY_KEYS", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$"
+    )
+    """Environment variable holding the callers' keys, comma-separated (never the keys)."""
+    api_keys: tuple[SecretStr, ...] = Field(default=(), exclude=True, repr=False)
+    """Filled from ``api_keys_env`` at start-up."""
+    require_auth: bool = True
+    """Refuse to start without keys; false only for a trusted local network."""
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    default_sla_ms: int = Field(default=30_000, ge=1)
+    max_sla_ms: int = Field(default=600_000, ge=1)
+    sla_class: str = "interactive"
+
+
 class Settings(BaseSettings):
     """Everything llmq reads at start-up."""
 
@@ -227,6 +247,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     endpoints: list[EndpointSettings] = Field(default_factory=list)
     models: dict[str, ModelSettings] = Field(default_factory=dict)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @classmethod
@@ -367,4 +388,14 @@ def _with_keys(settings: Settings, where: str) -> Settings:
                 )
             key = SecretStr(value)
         endpoints.append(endpoint.model_copy(update={"api_key": key}))
-    return settings.model_copy(update={"endpoints": endpoints})
+    gateway = settings.gateway
+    if gateway.api_keys:
+        raise ConfigError(
+            f"config error: gateway.api_keys: keys never go in the config;"
+            f" name an environment variable in api_keys_env{where}"
+        )
+    if gateway.api_keys_env:
+        raw = os.environ.get(gateway.api_keys_env, "")
+        keys = tuple(SecretStr(k.strip()) for k in raw.split(",") if k.strip())
+        gateway = gateway.model_copy(update={"api_keys": keys})
+    return settings.model_copy(update={"endpoints": endpoints, "gateway": gateway})
