@@ -25,7 +25,12 @@ class _LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in self._lazy:
             module, attr = self._lazy[cmd_name].split(":")
-            command: click.Command = getattr(__import__(module, fromlist=[attr]), attr)
+            try:
+                command: click.Command = getattr(__import__(module, fromlist=[attr]), attr)
+            except ModuleNotFoundError as exc:
+                if exc.name != module:
+                    raise  # a real missing dependency, not a command still to come
+                return None
             return command
         return super().get_command(ctx, cmd_name)
 
@@ -43,6 +48,9 @@ def _settings(config: str | None) -> Settings:
         "worker": "workers.command:worker_command",
         "fleet": "workers.fleet.command:fleet_command",
         "demo": "producers.demo:demo_command",
+        "gateway": "producers.gateway:gateway_command",
+        "submit": "producers.submit:submit_command",
+        "dlq": "producers.dlq:dlq_group",
     },
     context_settings={"help_option_names": ["-h", "--help"]},
 )
