@@ -29,6 +29,7 @@ __all__ = ["LlmqClient"]
 
 _REPUBLISH_WINDOW_S = 30.0
 _REPLY_GRACE_S = 5.0
+_REPLY_QUEUE_EXPIRES_MS = 300_000
 
 
 class LlmqClient:
@@ -54,6 +55,12 @@ class LlmqClient:
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self.reply_queue = f"llmq.reply.{uuid.uuid4().hex}"
 
+    @property
+    def connected(self) -> bool:
+        """Whether the broker connection is open now (false while it reconnects)."""
+        c = self._connection
+        return c is not None and not c.is_closed and c.connected.is_set()
+
     async def __aenter__(self) -> LlmqClient:
         self._connection = await aio_pika.connect_robust(
             self._url, client_properties={"connection_name": "llmq-client"}
@@ -62,9 +69,14 @@ class LlmqClient:
             publisher_confirms=True, on_return_raises=True
         )
         self._exchange = await self._channel.get_exchange(self._exchange_name, ensure=False)
-        # A name of our own (not server-named) so a reconnect re-declares the same queue.
+        # A name of our own (not server-named) so a reconnect re-declares the same
+        # queue; not exclusive and not auto-delete, so it outlives a dropped
+        # connection and keeps the replies published meanwhile. The broker deletes
+        # it once it has been unused for _REPLY_QUEUE_EXPIRES_MS.
         queue = await self._channel.declare_queue(
-            self.reply_queue, exclusive=True, auto_delete=True, durable=False
+            self.reply_queue,
+            durable=False,
+            arguments={"x-expires": _REPLY_QUEUE_EXPIRES_MS},
         )
         await queue.consume(self._on_reply, no_ack=True)
         return self
@@ -73,18 +85,20 @@ class LlmqClient:
         for future in self._waiting.values():
             future.cancel()
         self._waiting.clear()
+        if self._channel is not None and not self._channel.is_closed:
+            with contextlib.suppress(Exception):
+                await self._channel.queue_delete(self.reply_queue)
         if self._connection is not None:
             await self._connection.close()
 
-    def _on_reply(self, message: AbstractIncomingMessage) -> Any:
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         future = self._waiting.pop(message.correlation_id or "", None)
         if future is None or future.done():
-            return None  # unknown, late or duplicate: at-least-once allows these
+            return  # unknown, late or duplicate: at-least-once allows these
         try:
             future.set_result(decode_reply(message.body))
         except (ValueError, orjson.JSONDecodeError) as exc:
             future.set_exception(PublishFailed(f"malformed reply: {exc}"))
-        return None
 
     async def submit(
         self,

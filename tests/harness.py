@@ -39,7 +39,10 @@ class Caller:
 
     async def start(self) -> None:
         self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
-        queue = await self.channel.declare_queue(self.reply_queue, exclusive=True)
+        # Like LlmqClient's: survives a dropped connection, expires when unused.
+        queue = await self.channel.declare_queue(
+            self.reply_queue, durable=False, arguments={"x-expires": 300_000}
+        )
         await queue.consume(self._on_reply, no_ack=True)
         dead = await self.channel.get_queue(self.settings.topology.dead_queue, ensure=False)
         await dead.consume(self._on_dead, no_ack=True)

@@ -88,6 +88,7 @@ class Dispatcher:
         self._margin_s = margin_s
         self._clock = clock
         self._rand = rand
+        self._release: asyncio.Future[None] | None = None
 
     async def run(self, job: Job, model: str, *, deadline: float, hedge: bool) -> Served | Failed:
         """Serve ``job`` (``model`` is canonical) before ``deadline`` (monotonic seconds)."""
@@ -155,15 +156,39 @@ class Dispatcher:
         )
 
     async def _first_choice(self, model: str, work: Work, deadline: float) -> Choice | NoChoice:
-        """Pick, waiting for a cooldown to end when that is before the deadline."""
+        """Pick; when nothing is usable yet, wait for it within the deadline.
+
+        A cooldown or ejection ends at a known time (``retry_at``); a busy
+        endpoint frees a slot when one of its attempts ends, so wait for that.
+        """
         choice = self.router.pick(model, work=work, now=self._clock(), rand=self._rand)
-        while isinstance(choice, NoChoice) and choice.retry_at is not None:
+        while isinstance(choice, NoChoice):
             now = self._clock()
-            if choice.retry_at + self._margin_s >= deadline:
+            limit = deadline - self._margin_s
+            if choice.retry_at is not None:
+                if choice.retry_at >= limit:
+                    return choice
+                wake = choice.retry_at
+            elif choice.code is ErrorCode.OVER_CAPACITY:
+                wake = limit
+            else:
                 return choice
-            await asyncio.sleep(max(0.0, choice.retry_at - now))
+            if wake <= now:
+                return choice
+            await self._released(wake - now)
             choice = self.router.pick(model, work=work, now=self._clock(), rand=self._rand)
         return choice
+
+    async def _released(self, timeout_s: float) -> None:
+        """Sleep until some attempt ends (a slot frees) or ``timeout_s`` passes."""
+        if self._release is None or self._release.done():
+            self._release = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._release), timeout_s)
+
+    def _attempt_ended(self) -> None:
+        if self._release is not None and not self._release.done():
+            self._release.set_result(None)
 
     def _start(self, choice: Choice, job: Job, work: Work, deadline: float) -> _Running:
         started = self._clock()
@@ -237,13 +262,16 @@ class Dispatcher:
                 traceparent=job.traceparent,
             )
         except UpstreamFailure as failure:
+            self._attempt_ended()
             router.fail(
                 attempt, failure.kind, now=self._clock(), retry_after_s=failure.retry_after_s
             )
             raise
         except BaseException:
+            self._attempt_ended()
             router.cancel(attempt, now=self._clock())
             raise
+        self._attempt_ended()
         router.succeed(attempt, now=self._clock(), output_tokens=reply.completion_tokens)
         return reply
 

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from schemas.codec import Delivery, Job, Rejected, decode_job, encode_reply, error_body
@@ -99,6 +100,7 @@ class Worker:
         self._hedge = {k: c.hedge for k, c in settings.topology.classes.items()}
         self._tasks: set[asyncio.Task[None]] = set()
         self._recent: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+        self._inflight: dict[tuple[str, int], asyncio.Future[_Outcome]] = {}
         self._consumers: list[tuple[AbstractQueue, str]] = []
         self._consume_conn: AbstractRobustConnection | None = None
         self._publish_conn: AbstractRobustConnection | None = None
@@ -234,10 +236,33 @@ class Worker:
                 None,
                 0,
             )
-        cached = self._recent.get((job.job_id, job.replay_count))
+        key = (job.job_id, job.replay_count)
+        cached = self._recent.get(key)
         if cached is not None:
             self.stats.duplicates += 1
             return _Outcome(job.job_id, cached)
+        original = self._inflight.get(key)
+        if original is not None:
+            # A redelivery (lost ack, reconnect) of a job this worker is still
+            # serving: share its outcome instead of paying the upstream twice.
+            self.stats.duplicates += 1
+            await asyncio.wait({original})
+            if not original.cancelled() and original.exception() is None:
+                return original.result()
+        future: asyncio.Future[_Outcome] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            outcome = await self._route(job, now_ms)
+        except BaseException:
+            future.cancel()
+            raise
+        finally:
+            if self._inflight.get(key) is future:
+                del self._inflight[key]
+        future.set_result(outcome)
+        return outcome
+
+    async def _route(self, job: Job, now_ms: int) -> _Outcome:
         routing: dict[str, Any] = {"queue_ms": max(0, now_ms - job.published_ms)}
         if now_ms >= job.deadline_ms:
             return self._failure(
@@ -324,7 +349,11 @@ class Worker:
                 )
             except Unroutable:
                 plan = disposition(outcome.code, has_reply_to=True, reply_unroutable=True)
-                extra = {"reply-error": "reply_to queue does not exist", "reply": outcome.reply}
+                # Header tables can't hold raw bytes; the envelope is UTF-8 JSON.
+                extra = {
+                    "reply-error": "reply_to queue does not exist",
+                    "reply": outcome.reply.decode(),
+                }
         if plan.dead_letter:
             assert plan.code is not None
             await self._dead_letter(
@@ -334,7 +363,12 @@ class Worker:
                 outcome.attempts,
                 extra,
             )
-        await message.ack()
+        try:
+            await message.ack()
+        except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
+            # The channel died after the reply was confirmed: the broker will
+            # redeliver the job and the caller may see the reply twice.
+            raise BrokerFailure(f"ack lost ({type(exc).__name__})") from None
         if outcome.code is None:
             self.stats.ok += 1
         else:

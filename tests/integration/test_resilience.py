@@ -65,9 +65,10 @@ async def test_connections_closed_mid_load_lose_no_job(
 ) -> None:
     """The broker drops every connection of the vhost while 100 jobs are in flight:
     the worker reconnects and every job is answered (duplicates allowed)."""
-    async with running_fleet(
-        {"name": "a", "models": ["m1"], "latency_ms": {"median": 300, "p99": 400}}
-    ) as fleet:
+    # Slow answers: rabbitmqctl takes about a second to start, and the jobs must
+    # still be in flight when it closes the connections.
+    slow = {"name": "a", "models": ["m1"], "latency_ms": {"median": 1500, "p99": 1500}}
+    async with running_fleet(slow) as fleet:
         settings = make_settings(fleet)
         worker = Worker(settings, name="w")
         await worker.start()

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aio_pika
+import orjson
 import pytest
 from harness import Caller, chat, running_fleet
 
@@ -249,3 +250,25 @@ async def test_debug_log_explains_each_pick(
     lines = [r.getMessage() for r in caplog.records if "candidates:" in r.getMessage()]
     assert len(lines) == 8
     assert all("up cost=" in line and "down" in line for line in lines)
+
+
+async def test_unroutable_reply_is_kept_with_the_dead_letter(
+    make_settings: Callable[..., Settings], connection: aio_pika.abc.AbstractConnection
+) -> None:
+    """The caller's reply queue is gone: the answer is not dropped but dead-lettered with it."""
+    async with running_fleet({"name": "a", "models": ["m1"]}) as fleet:
+        async with started(make_settings(fleet), connection) as (worker, caller):
+            exchange = await caller.channel.get_exchange(worker.settings.topology.jobs_exchange)
+            await exchange.publish(
+                aio_pika.Message(
+                    orjson.dumps(chat()), message_id="orphan", reply_to="no-such-queue"
+                ),
+                routing_key="interactive",
+            )
+            await caller.wait_for(lambda: len(caller.dead) == 1)
+    [dead] = caller.dead
+    assert dead.message_id == "orphan"
+    assert dead.headers["error-code"] == "internal_error"
+    assert dead.headers["reply-error"] == "reply_to queue does not exist"
+    assert orjson.loads(dead.headers["reply"])["status"] == "ok"
+    assert worker.stats.requeued == 0

@@ -16,8 +16,9 @@ only tried endpoints usable now            Wait(full-jitter backoff); after a wa
                                            (``progress.waits`` > 0) TryNow(it)
 nothing usable; usable again at retry_at   Wait(until retry_at, spread a little)
 nothing usable, no known time              Wait(full-jitter backoff)
-the wait would pass the deadline           GiveUp(over_capacity / no_healthy_endpoint
-                                           / deadline_exceeded)
+a retry can't fit before the deadline      GiveUp(over_capacity / no_healthy_endpoint,
+(predicted time or the wait too long)      else the failures' code: upstream_error,
+                                           over_capacity after a 429)
 =========================================  ======================================
 
 After a ``Wait``, call ``next_step`` again with ``progress.waited()`` and the
@@ -129,11 +130,13 @@ def next_step(
         if isinstance(anywhere, Choice) and progress.waits:
             picked = anywhere  # backed off already: a tried endpoint will do
         else:
-            return _wait(progress, anywhere, now=now, left=left, rand=rand, router=router)
+            return _wait(progress, anywhere, kind, now=now, left=left, rand=rand, router=router)
     if picked.predicted_s > left:
+        # The deadline has not passed: the failures are the cause, so their code.
         return GiveUp(
-            ErrorCode.DEADLINE_EXCEEDED,
-            f"{picked.endpoint} needs ~{picked.predicted_s:.3g} s, {left:.3g} s left",
+            _exhausted(kind),
+            f"last: {kind.value}; no retry: {picked.endpoint} needs"
+            f" ~{picked.predicted_s:.3g} s, {left:.3g} s left before the deadline",
         )
     if not budget.try_spend(now):
         return GiveUp(_exhausted(kind), f"retry budget exhausted, last: {kind.value}")
@@ -143,6 +146,7 @@ def next_step(
 def _wait(
     progress: Progress,
     anywhere: Choice | NoChoice,
+    kind: FailureKind,
     *,
     now: float,
     left: float,
@@ -162,7 +166,9 @@ def _wait(
     if delay >= left:
         if isinstance(anywhere, NoChoice):
             return GiveUp(anywhere.code, f"{anywhere.reason}; not before the deadline")
-        return GiveUp(ErrorCode.DEADLINE_EXCEEDED, "no time left to back off and retry")
+        return GiveUp(
+            _exhausted(kind), f"last: {kind.value}; no time left before the deadline to retry"
+        )
     return Wait(delay)
 
 

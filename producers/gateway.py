@@ -1,0 +1,312 @@
+"""``llmq gateway``: an OpenAI-compatible HTTP front door to llmq.
+
+``POST /v1/chat/completions`` publishes the request body as a job with one
+shared :class:`~producers.client.LlmqClient` and waits for its reply within
+the SLA; ``GET /v1/models`` lists the routable models; ``/healthz`` and
+``/readyz`` are probes. What each request means — keys, headers, statuses,
+error bodies — is decided in :mod:`producers.gateway_core`; this module does
+the aiohttp and AMQP work. docs/gateway.md is the user's guide.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import click
+import orjson
+from aiohttp import web
+
+from producers.client import LlmqClient
+from producers.errors import LlmqError, PublishFailed
+from producers.gateway_core import (
+    INVALID_API_KEY,
+    NOT_FOUND,
+    Answer,
+    BadRequest,
+    KeyRing,
+    answer_for_error,
+    answer_for_reply,
+    check_body,
+    error_answer,
+    job_options,
+    model_list,
+    startup_problem,
+)
+from schemas.errors import ErrorCode
+from schemas.settings import ConfigError, Settings, load_settings
+
+__all__ = ["StartupError", "gateway_command", "make_app", "serve", "start_gateway"]
+
+log = logging.getLogger("llmq.gateway")
+
+_ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf'  # no headers: they carry the callers' keys
+_SHUTDOWN_S = 30.0  # in-flight requests may finish this long after SIGTERM
+_CODE_BY_STATUS = {
+    404: NOT_FOUND,
+    405: "method_not_allowed",
+    413: ErrorCode.PAYLOAD_TOO_LARGE.value,
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(slots=True)
+class _State:
+    """What the handlers share; ``client`` is set while the app runs."""
+
+    settings: Settings
+    keys: KeyRing
+    models: bytes
+    client: LlmqClient | None = None
+
+
+_STATE = web.AppKey("llmq_gateway", _State)
+
+
+def make_app(settings: Settings) -> web.Application:
+    """The gateway's aiohttp application; it connects to the broker on startup.
+
+    Raises :class:`ConfigError` when the settings forbid starting (no keys
+    while ``require_auth``, an unknown SLA class).
+    """
+    problem = startup_problem(settings)
+    if problem is not None:
+        raise ConfigError(problem)
+    gw = settings.gateway
+    state = _State(
+        settings=settings,
+        keys=KeyRing(k.get_secret_value() for k in gw.api_keys),
+        models=orjson.dumps(model_list(settings)),
+    )
+    # client_max_size: aiohttp stops reading a body past the limit (413).
+    app = web.Application(client_max_size=gw.max_body_bytes, middlewares=[_errors, _auth])
+    app[_STATE] = state
+    app.cleanup_ctx.append(_broker)
+    app.router.add_post("/v1/chat/completions", _chat_completions)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    return app
+
+
+async def _broker(app: web.Application) -> AsyncIterator[None]:
+    state = app[_STATE]
+    settings = state.settings
+    async with LlmqClient(
+        settings.broker.url.get_secret_value(),
+        exchange=settings.topology.jobs_exchange,
+        default_sla_ms=settings.gateway.default_sla_ms,
+    ) as client:
+        state.client = client
+        try:
+            yield
+        finally:
+            state.client = None
+
+
+def _respond(answer: Answer) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(answer.body),
+        status=answer.status,
+        headers=answer.headers,
+        content_type="application/json",
+    )
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as OpenAI-style JSON, aiohttp's own (404, 405, 413) included."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _CODE_BY_STATUS.get(exc.status, ErrorCode.INVALID_REQUEST.value)
+        message = exc.reason
+        if exc.status == 413:
+            limit = request.app[_STATE].settings.gateway.max_body_bytes
+            message = f"the request body is larger than {limit} bytes"
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return _respond(error_answer(exc.status, code, message, headers=allow))
+    except ConnectionError:
+        raise  # the caller went away: nobody to answer
+    except Exception:
+        log.exception("gateway: unexpected error on %s %s", request.method, request.path)
+        return _respond(
+            error_answer(500, ErrorCode.INTERNAL_ERROR.value, "internal error", retriable=False)
+        )
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """``/v1/*`` needs ``Authorization: Bearer <key>``; the probes do not."""
+    if request.path.startswith("/v1/") and not request.app[_STATE].keys.allows(
+        request.headers.get("Authorization")
+    ):
+        return _respond(
+            error_answer(
+                401,
+                INVALID_API_KEY,
+                "missing or invalid API key: send Authorization: Bearer <key>",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        )
+    return await handler(request)
+
+
+def _broker_open(client: LlmqClient | None) -> bool:
+    return client is not None and client.connected
+
+
+def _bad_request(message: str) -> web.Response:
+    return _respond(error_answer(400, ErrorCode.INVALID_REQUEST.value, message, retriable=False))
+
+
+async def _chat_completions(request: web.Request) -> web.Response:
+    state = request.app[_STATE]
+    gw = state.settings.gateway
+    if request.content_length is not None and request.content_length > gw.max_body_bytes:
+        # Refused from the header alone: not one byte of the body is read.
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=gw.max_body_bytes, actual_size=request.content_length
+        )
+    raw = await request.read()  # raises 413 as soon as more than the limit arrived
+    try:
+        body = check_body(orjson.loads(raw))
+        options = job_options(
+            request.headers, default_sla_ms=gw.default_sla_ms, max_sla_ms=gw.max_sla_ms
+        )
+    except orjson.JSONDecodeError:
+        return _bad_request("the request body is not valid JSON")
+    except BadRequest as exc:
+        return _bad_request(str(exc))
+    job_id = options.job_id or uuid.uuid4().hex
+    client = state.client
+    if client is None or not _broker_open(client):
+        # Fail at once: the client would retry the publish for 30 s meanwhile.
+        return _respond(answer_for_error(PublishFailed("the broker is unreachable"), job_id))
+    try:
+        reply = await client.call(
+            body,
+            job_id=job_id,
+            # Fresh per HTTP request: two requests with the same X-Request-Id
+            # must each get their own answer.
+            correlation_id=uuid.uuid4().hex,
+            sla_ms=options.sla_ms,
+            sla_class=gw.sla_class,
+            tenant=options.tenant,
+            traceparent=options.traceparent,
+        )
+    except LlmqError as exc:
+        return _respond(answer_for_error(exc, job_id))
+    return _respond(answer_for_reply(reply, job_id))
+
+
+async def _models(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[_STATE].models, content_type="application/json")
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    if _broker_open(request.app[_STATE].client):
+        return web.json_response({"status": "ready"})
+    return web.json_response({"status": "broker unavailable"}, status=503)
+
+
+class StartupError(Exception):
+    """The gateway could not start (broker unreachable, port taken); ``str()`` is one line."""
+
+
+async def start_gateway(settings: Settings, *, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Connect to the broker and listen; returns the runner (to ``cleanup()``) and the port.
+
+    ``port=0`` binds a free port: the returned one is the real one. Raises
+    :class:`ConfigError` or :class:`StartupError`.
+    """
+    runner = web.AppRunner(
+        make_app(settings), access_log_format=_ACCESS_LOG_FORMAT, shutdown_timeout=_SHUTDOWN_S
+    )
+    try:
+        await runner.setup()  # runs the startup hooks: connects to the broker
+    except Exception as exc:  # aiormq raises its own classes, not only OSError
+        raise StartupError(_broker_problem(settings, exc)) from exc
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    bound = runner.addresses[0][1] if runner.addresses else port
+    return runner, int(bound)
+
+
+async def serve(settings: Settings, *, host: str, port: int) -> None:
+    """Run the gateway until SIGTERM or SIGINT, then let in-flight requests finish."""
+    runner, bound = await start_gateway(settings, host=host, port=port)
+    gw = settings.gateway
+    log.info(
+        "gateway listening on http://%s:%d (class %s, default SLA %d ms, max %d ms, %s)",
+        host,
+        bound,
+        gw.sla_class,
+        gw.default_sla_ms,
+        gw.max_sla_ms,
+        f"API keys: {len(gw.api_keys)}" if gw.api_keys else "no authentication",
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("signal received: finishing in-flight requests")
+    finally:
+        await runner.cleanup()
+
+
+def _broker_problem(settings: Settings, exc: BaseException) -> str:
+    url = settings.broker.url.get_secret_value()
+    parts = urlsplit(url)
+    text = str(exc) or type(exc).__name__
+    if parts.password:
+        text = text.replace(parts.password, "***")
+    return f"cannot reach the broker at {parts.hostname}:{parts.port or 5672}: {text}"
+
+
+@click.command("gateway")
+@click.option("--config", "config", type=click.Path(dir_okay=False), envvar="LLMQ_CONFIG")
+@click.option("--host", default=None, help="Address to listen on (default: gateway.host).")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=None, help="Port (default: gateway.port)."
+)
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
+def gateway_command(
+    config: str | None, host: str | None, port: int | None, log_format: str
+) -> None:
+    """Serve the OpenAI-compatible HTTP API (chat completions, models) over llmq."""
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    problem = startup_problem(settings)
+    if problem is not None:
+        raise click.ClickException(problem)
+    from workers.logs import setup_logging
+
+    setup_logging(settings.log_level, log_format)
+    import uvloop
+
+    gw = settings.gateway
+    try:
+        uvloop.run(serve(settings, host=host or gw.host, port=gw.port if port is None else port))
+    except StartupError as exc:
+        raise click.ClickException(str(exc)) from None

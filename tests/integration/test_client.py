@@ -1,0 +1,158 @@
+"""LlmqClient against the real broker and a worker: replies, typed errors, backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aio_pika
+import orjson
+import pytest
+from harness import running_fleet
+
+from producers.client import LlmqClient
+from producers.errors import Backpressure, UnknownModel, Unroutable, UpstreamError
+from schemas.settings import Settings
+from workers.service import Worker
+
+pytestmark = pytest.mark.rabbitmq
+
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+@asynccontextmanager
+async def worker_for(settings: Settings) -> AsyncIterator[Worker]:
+    worker = Worker(settings, name="w")
+    await worker.start()
+    try:
+        yield worker
+    finally:
+        await worker.stop(grace_s=5)
+
+
+def client_for(settings: Settings, **kw: Any) -> LlmqClient:
+    return LlmqClient(
+        settings.broker.url.get_secret_value(), exchange=settings.topology.jobs_exchange, **kw
+    )
+
+
+async def test_complete_returns_the_response_and_raises_typed_errors(
+    make_settings: Callable[..., Settings],
+) -> None:
+    async with running_fleet(
+        {"name": "good", "models": ["m1"]}, {"name": "bad", "models": ["m2"], "error_rate": 1.0}
+    ) as fleet:
+        settings = make_settings(fleet)
+        async with worker_for(settings), client_for(settings) as client:
+            response = await client.complete("m1", MESSAGES, sla_ms=5000, max_tokens=8)
+            assert response["object"] == "chat.completion"
+            assert response["usage"]["completion_tokens"] <= 8
+            with pytest.raises(UnknownModel) as unknown:
+                await client.complete("nope", MESSAGES)
+            assert unknown.value.retriable is False
+            with pytest.raises(UpstreamError) as failed:
+                await client.complete("m2", MESSAGES, sla_ms=5000)
+            assert failed.value.retriable is True
+            assert failed.value.reply["routing"]["attempts"] >= 1
+
+
+async def test_submit_confirms_and_an_unroutable_job_raises(
+    make_settings: Callable[..., Settings], connection: aio_pika.abc.AbstractConnection
+) -> None:
+    async with running_fleet({"name": "a", "models": ["m1"]}) as fleet:
+        settings = make_settings(fleet)
+        async with worker_for(settings), client_for(settings) as client:
+            channel = await connection.channel()
+            replies = await channel.declare_queue("my-replies", exclusive=True)
+            ids = await client.submit_many(
+                [{"model": "m1", "messages": MESSAGES}] * 20, reply_to="my-replies"
+            )
+            assert len(set(ids)) == 20
+            got: set[str] = set()
+            async with asyncio.timeout(20):
+                while len(got) < 20:
+                    message = await replies.get(fail=False, no_ack=True)
+                    if message is None:
+                        await asyncio.sleep(0.05)
+                        continue
+                    got.add(orjson.loads(message.body)["job_id"])
+            assert got == set(ids)
+            with pytest.raises(Unroutable):
+                await client.submit({"model": "m1", "messages": MESSAGES}, sla_class="nope")
+
+
+async def test_late_duplicate_and_unknown_replies_are_ignored(
+    make_settings: Callable[..., Settings], connection: aio_pika.abc.AbstractConnection
+) -> None:
+    async with running_fleet({"name": "a", "models": ["m1"]}) as fleet:
+        settings = make_settings(fleet)
+        async with worker_for(settings), client_for(settings) as client:
+            reply = await client.call({"model": "m1", "messages": MESSAGES}, job_id="j1")
+            channel = await connection.channel()
+            for correlation_id in ("j1", "never-asked"):  # duplicate, then unknown
+                await channel.default_exchange.publish(
+                    aio_pika.Message(orjson.dumps(reply), correlation_id=correlation_id),
+                    routing_key=client.reply_queue,
+                )
+            second = await client.call({"model": "m1", "messages": MESSAGES}, job_id="j2")
+    assert reply["job_id"] == "j1"
+    assert second["job_id"] == "j2"
+
+
+async def test_full_queue_gives_backpressure_and_keeps_what_it_accepted(
+    make_settings: Callable[..., Settings],
+) -> None:
+    async with running_fleet({"name": "a", "models": ["m1"]}) as fleet:
+        settings = make_settings(
+            fleet,
+            topology={"classes": {"interactive": {"default_sla_ms": 60000, "max_length": 25}}},
+        )
+        # Declare the topology with a worker, then stop it: nobody consumes.
+        async with worker_for(settings):
+            pass
+        async with client_for(settings) as client:
+            results = await asyncio.gather(
+                *(client.submit({"model": "m1", "messages": MESSAGES}) for _ in range(100)),
+                return_exceptions=True,
+            )
+            accepted = [r for r in results if isinstance(r, str)]
+            refused = [r for r in results if isinstance(r, Backpressure)]
+            # Quorum queues apply max-length after the fact (concurrent publishes
+            # overshoot it); the guarantees are the refusals and no loss.
+            assert len(accepted) >= 25
+            assert refused
+            assert len(refused) == 100 - len(accepted)
+            # Everything accepted is still there and gets answered.
+            async with worker_for(settings) as worker:
+                async with asyncio.timeout(20):
+                    while worker.stats.ok < len(accepted):  # noqa: ASYNC110 - polling a counter
+                        await asyncio.sleep(0.05)
+            assert worker.stats.ok == len(accepted)
+
+
+async def test_publish_cut_by_a_reconnect_is_sent_again(
+    make_settings: Callable[..., Settings],
+    vhost: str,
+    rabbitmqctl: Callable[..., Any],
+) -> None:
+    """Connections drop while 300 jobs are in flight: every submit returns
+    (republished with the same job id) and every job is answered."""
+    slow = {"name": "a", "models": ["m1"], "latency_ms": {"median": 1500, "p99": 1500}}
+    async with running_fleet(slow) as fleet:
+        settings = make_settings(fleet)
+        async with worker_for(settings) as worker, client_for(settings) as client:
+            jobs = [
+                client.call({"model": "m1", "messages": MESSAGES}, timeout_s=60) for _ in range(300)
+            ]
+            tasks = [asyncio.create_task(j) for j in jobs]
+            await asyncio.sleep(0.05)
+            await asyncio.to_thread(rabbitmqctl, "close_all_connections", "--vhost", vhost, "test")
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+    failures = [r for r in results if not isinstance(r, dict)]
+    assert failures == []
+    assert all(r["status"] == "ok" for r in results if isinstance(r, dict))
+    assert worker.stats.reconnects >= 1
+    # Redeliveries of jobs still in flight joined them: one upstream call each.
+    assert sum(s.requests for s in fleet.stats().values()) == 300

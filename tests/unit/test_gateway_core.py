@@ -1,0 +1,290 @@
+"""The gateway's pure decisions: keys, headers, bodies, and replies or errors to HTTP."""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from producers.errors import (
+    Backpressure,
+    DeadlineExceeded,
+    LlmqError,
+    PublishFailed,
+    Unroutable,
+    UpstreamError,
+)
+from producers.gateway_core import (
+    BadRequest,
+    KeyRing,
+    answer_for_error,
+    answer_for_reply,
+    check_body,
+    job_options,
+    model_list,
+    startup_problem,
+)
+from schemas.codec import MAX_SLA_MS
+from schemas.errors import HTTP_STATUS, RETRIABLE, ErrorCode
+from schemas.settings import GatewaySettings, Settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No LLMQ_* variable of the machine leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith("LLMQ_"):
+            monkeypatch.delenv(name)
+
+
+def settings(**gateway: Any) -> Settings:
+    return Settings(
+        endpoints=[
+            {"name": "a", "base_url": "http://127.0.0.1:1/v1", "models": ["m1", "m2"]},
+            {"name": "b", "base_url": "http://127.0.0.1:2/v1", "models": ["m2"]},
+        ],
+        models={"m1": {"aliases": ["one", "first"]}, "ghost": {"aliases": ["boo"]}},
+        gateway=GatewaySettings(**gateway),
+    )
+
+
+# Keys
+
+
+def test_keyring_accepts_each_key_as_a_bearer_token() -> None:
+    """Any configured key works; the scheme is case-insensitive, spaces are trimmed."""
+    ring = KeyRing(["sk-a", "sk-b"])
+    assert ring.allows("Bearer sk-a")
+    assert ring.allows("bearer sk-b")
+    assert ring.allows("  Bearer   sk-b ")
+
+
+@pytest.mark.parametrize(
+    "header", [None, "", "Bearer", "Bearer ", "Basic sk-a", "sk-a", "Bearer sk-a2", "Bearer sk-"]
+)
+def test_keyring_refuses_anything_else(header: str | None) -> None:
+    """Missing, malformed, other schemes and near misses are refused."""
+    assert not KeyRing(["sk-a"]).allows(header)
+
+
+def test_keyring_compares_every_key_without_early_exit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A match on the first key still compares all of them, in constant time each."""
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", counting)
+    assert KeyRing(["sk-a", "sk-b", "sk-c"]).allows("Bearer sk-a")
+    assert len(calls) == 3
+    # Digests, so every comparison has the same length whatever the keys' lengths.
+    assert {len(a) for a, _ in calls} == {len(b) for _, b in calls} == {32}
+
+
+def test_empty_keyring_is_open_and_repr_hides_keys() -> None:
+    """No keys configured: everyone is let in (require_auth refuses that at start)."""
+    assert KeyRing([]).allows(None)
+    assert KeyRing([]).empty
+    ring = KeyRing(["sk-secret-value"])
+    assert "sk-secret" not in repr(ring) and repr(ring) == "<KeyRing keys=1>"
+
+
+# Start-up
+
+
+def test_startup_refuses_require_auth_without_keys() -> None:
+    """One line naming the variable to set and the way out."""
+    problem = startup_problem(settings())
+    assert problem is not None and "\n" not in problem
+    assert "$LLMQ_GATEWAY_KEYS" in problem and "require_auth = false" in problem
+
+
+@pytest.mark.parametrize(
+    "gateway",
+    [{"api_keys": (SecretStr("k"),)}, {"require_auth": False}],
+)
+def test_startup_accepts_keys_or_an_explicitly_open_gateway(gateway: dict[str, Any]) -> None:
+    assert startup_problem(settings(**gateway)) is None
+
+
+@pytest.mark.parametrize(
+    ("gateway", "expected"),
+    [
+        ({"sla_class": "urgent"}, "gateway.sla_class: unknown SLA class 'urgent'"),
+        ({"default_sla_ms": 5000, "max_sla_ms": 1000}, "gateway.default_sla_ms (5000)"),
+    ],
+)
+def test_startup_refuses_inconsistent_settings(gateway: dict[str, Any], expected: str) -> None:
+    problem = startup_problem(settings(require_auth=False, **gateway))
+    assert problem is not None and expected in problem
+
+
+# Headers and bodies
+
+
+def options(**headers: str) -> Any:
+    return job_options(headers, default_sla_ms=30_000, max_sla_ms=600_000)
+
+
+def test_sla_defaults_and_header() -> None:
+    """No header: the default; a header: its value; both capped by max_sla_ms."""
+    assert options().sla_ms == 30_000
+    assert options(**{"X-LLMQ-SLA-Ms": "1500"}).sla_ms == 1500
+    assert options(**{"X-LLMQ-SLA-Ms": " 250 "}).sla_ms == 250
+    assert options(**{"X-LLMQ-SLA-Ms": "9999999"}).sla_ms == 600_000
+    huge = job_options({"X-LLMQ-SLA-Ms": "9" * 20}, default_sla_ms=1, max_sla_ms=10**15)
+    assert huge.sla_ms == MAX_SLA_MS  # never past what a worker accepts
+
+
+@pytest.mark.parametrize("value", ["", "0", "-5", "+5", "1.5", "1e3", "abc", "٣", "1" * 21])
+def test_bad_sla_header_is_refused(value: str) -> None:
+    """Anything but a positive integer of ASCII digits is a 400, never ignored."""
+    with pytest.raises(BadRequest, match="X-LLMQ-SLA-Ms"):
+        options(**{"X-LLMQ-SLA-Ms": value})
+
+
+def test_tenant_request_id_and_traceparent() -> None:
+    """They pass on as the job's tenant, job id and traceparent."""
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    got = options(**{"X-LLMQ-Tenant": "team a", "X-Request-Id": "req-1:2", "traceparent": tp})
+    assert (got.tenant, got.job_id, got.traceparent) == ("team a", "req-1:2", tp)
+    assert options(traceparent="x" * 300).traceparent is None  # dropped, not refused
+    assert (options().tenant, options().job_id, options().traceparent) == (None, None, None)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-LLMQ-Tenant": ""},
+        {"X-LLMQ-Tenant": "t" * 257},
+        {"X-LLMQ-Tenant": "a\tb"},
+        {"X-Request-Id": "has space"},
+        {"X-Request-Id": "-leading-dash"},
+        {"X-Request-Id": "x" * 129},
+    ],
+)
+def test_bad_tenant_or_request_id_is_refused(headers: dict[str, str]) -> None:
+    with pytest.raises(BadRequest):
+        options(**headers)
+
+
+@pytest.mark.parametrize("body", [[1], "text", 3, None])
+def test_body_must_be_an_object(body: object) -> None:
+    with pytest.raises(BadRequest, match="JSON object"):
+        check_body(body)
+
+
+@pytest.mark.parametrize("stream", [True, 1, "yes"])
+def test_streaming_is_refused(stream: object) -> None:
+    with pytest.raises(BadRequest, match="stream"):
+        check_body({"model": "m", "messages": [], "stream": stream})
+
+
+def test_body_passes_through_unchanged() -> None:
+    """The worker validates the rest: unknown fields stay."""
+    body = {"model": "m", "messages": [], "stream": False, "seed": 7, "tools": []}
+    assert check_body(body) is body
+
+
+# Replies and errors to HTTP
+
+
+def reply(status: str = "error", **error: Any) -> dict[str, Any]:
+    return {
+        "schema_version": 1,
+        "job_id": "j1",
+        "status": status,
+        "response": {"object": "chat.completion", "choices": []} if status == "ok" else None,
+        "error": error or None,
+        "routing": {"endpoint": "a", "attempts": 2},
+    }
+
+
+def test_ok_reply_is_the_upstream_response_with_routing_headers() -> None:
+    answer = answer_for_reply(reply("ok"), "j1")
+    assert answer.status == 200 and answer.body == {"object": "chat.completion", "choices": []}
+    assert answer.headers == {
+        "x-llmq-job-id": "j1",
+        "x-request-id": "j1",
+        "x-llmq-endpoint": "a",
+        "x-llmq-attempts": "2",
+    }
+
+
+@pytest.mark.parametrize("code", list(ErrorCode))
+def test_every_error_code_gets_its_status_and_an_openai_error_body(code: ErrorCode) -> None:
+    answer = answer_for_reply(reply(code=code.value, message="why", retriable=True), "j1")
+    assert answer.status == HTTP_STATUS[code]
+    assert answer.body == {
+        "error": {
+            "message": "why",
+            "type": answer.body["error"]["type"],
+            "param": None,
+            "code": code.value,
+        }
+    }
+    assert answer.headers["x-should-retry"] == str(RETRIABLE[code]).lower()
+    assert answer.headers["x-llmq-endpoint"] == "a"
+    assert ("Retry-After" in answer.headers) == (answer.status == 429 and RETRIABLE[code])
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        (ErrorCode.INVALID_REQUEST, "invalid_request_error"),
+        (ErrorCode.PAYLOAD_TOO_LARGE, "invalid_request_error"),
+        (ErrorCode.OVER_CAPACITY, "rate_limit_error"),
+        (ErrorCode.UPSTREAM_ERROR, "server_error"),
+        (ErrorCode.DEADLINE_EXCEEDED, "server_error"),
+    ],
+)
+def test_error_types_follow_openai(status: ErrorCode, kind: str) -> None:
+    answer = answer_for_reply(reply(code=status.value, message="m"), "j1")
+    assert answer.body["error"]["type"] == kind
+
+
+def test_unknown_code_is_a_500_judged_by_its_retriable_flag() -> None:
+    """A newer worker's code: decoded tolerantly, as docs/protocol.md asks."""
+    answer = answer_for_reply(reply(code="brand_new", message="m", retriable=True), "j1")
+    assert answer.status == 500 and answer.body["error"]["code"] == "brand_new"
+    assert answer.headers["x-should-retry"] == "true"
+
+
+ERRORS: list[tuple[Callable[[], LlmqError], int, str]] = [
+    (lambda: Backpressure("full"), 429, "over_capacity"),
+    (lambda: PublishFailed("broker unreachable"), 503, "broker_unavailable"),
+    (lambda: Unroutable("no queue"), 500, "internal_error"),
+    (lambda: DeadlineExceeded("no reply", job_id="j1", reply={}), 504, "deadline_exceeded"),
+]
+
+
+@pytest.mark.parametrize(("make", "status", "code"), ERRORS)
+def test_client_errors_map_to_statuses(
+    make: Callable[[], LlmqError], status: int, code: str
+) -> None:
+    answer = answer_for_error(make(), "j1")
+    assert (answer.status, answer.body["error"]["code"]) == (status, code)
+    assert answer.headers["x-llmq-job-id"] == "j1"
+    assert ("Retry-After" in answer.headers) == (status in (429, 503))
+
+
+def test_job_failed_with_a_reply_maps_like_the_reply() -> None:
+    err = UpstreamError("x", job_id="j1", reply=reply(code="upstream_error", message="m"))
+    assert answer_for_error(err, "j1").status == 502
+
+
+# Models
+
+
+def test_models_are_the_served_models_and_their_aliases() -> None:
+    """Sorted; aliases of a model no endpoint serves are not routable."""
+    listed = model_list(settings())
+    assert listed["object"] == "list"
+    assert [m["id"] for m in listed["data"]] == ["first", "m1", "m2", "one"]
+    assert listed["data"][0] == {"id": "first", "object": "model", "created": 0, "owned_by": "llmq"}
