@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -96,3 +101,81 @@ class Caller:
 
 def chat(model: str = "m1", content: str = "hello", **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
+
+
+def write_worker_config(
+    path: Path,
+    amqp_url: str,
+    names: dict[str, str],
+    endpoints: dict[str, str],
+    models: tuple[str, ...] = ("m1",),
+    **worker: Any,
+) -> Path:
+    """An llmq.toml for a worker process: the test's topology names, these endpoints."""
+    lines = ["[broker]", f'url = "{amqp_url}"', "[topology]"]
+    lines += [f'{k} = "{v}"' for k, v in names.items()]
+    lines += ["delivery_limit = 3", "[worker]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in worker.items()]
+    for name, url in endpoints.items():
+        lines += [
+            "[[endpoints]]",
+            f'name = "{name}"',
+            f'base_url = "{url}"',
+            'api_key_env = "LLMQ_TEST_FLEET_KEY"',
+            f"models = {json.dumps(list(models))}",
+            "max_concurrency = 1024",
+        ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def start_worker_process(
+    config: Path, connection: aio_pika.abc.AbstractConnection, queue: str
+) -> subprocess.Popen[bytes]:
+    """``llmq worker --config`` as a subprocess; returns once it consumes ``queue``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMQ_")}
+    with (config.parent / "worker.log").open("wb") as log:
+        proc = subprocess.Popen(  # noqa: ASYNC220 - a quick spawn; the waiting below is async
+            [sys.executable, "-m", "producers", "worker", "--config", str(config)],
+            env={**env, "LLMQ_TEST_FLEET_KEY": FLEET_KEY},
+            stderr=log,
+        )
+    for _ in range(200):
+        if proc.poll() is not None:
+            raise AssertionError((config.parent / "worker.log").read_text())
+        try:
+            if await consumers(connection, queue) > 0:
+                return proc
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            pass
+        await asyncio.sleep(0.1)
+    proc.kill()
+    raise AssertionError("worker did not start consuming")
+
+
+async def consumers(connection: aio_pika.abc.AbstractConnection, queue: str) -> int:
+    """How many consumers ``queue`` has (a passive declare)."""
+    channel = await connection.channel()
+    try:
+        declared = await channel.declare_queue(queue, passive=True)
+        return int(declared.declaration_result.consumer_count)
+    finally:
+        await channel.close()
+
+
+async def queue_depth(connection: aio_pika.abc.AbstractConnection, queue: str) -> int:
+    """Ready messages in ``queue``."""
+    channel = await connection.channel()
+    try:
+        declared = await channel.declare_queue(queue, passive=True)
+        return int(declared.declaration_result.message_count)
+    finally:
+        await channel.close()
+
+
+def peak_rss_mb(pid: int) -> float:
+    """Peak resident memory of a process (VmHWM), from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
