@@ -13,6 +13,7 @@ becomes a message, a log line or a dead-letter header.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from workers.routing import FailureKind
@@ -56,11 +57,22 @@ class Unroutable(BrokerFailure):
     """The broker returned the message: nothing is bound to that routing key."""
 
 
+# What upstreams echo of a key: OpenAI-style "sk-..." (masked or whole),
+# "Bearer <token>", and "key=..." fragments.
+_KEYISH = re.compile(
+    r"(?i)\b(?:sk|rk|pk|key)[-_][A-Za-z0-9*_.\-]{3,}|bearer\s+\S+|(?:api[_-]?key|token)=\S+"
+)
+
+
 def redact(text: str, secrets: Iterable[str]) -> str:
-    """Replace every secret (and its last 8 characters, which APIs echo) in ``text``."""
+    """Remove every secret, any tail of it an API echoes, and key-shaped strings.
+
+    Upstream error messages are the one place outside text enters our
+    replies, logs and dead letters, and some echo (parts of) the key sent.
+    """
     for secret in secrets:
         if secret:
             text = text.replace(secret, "[redacted]")
             if len(secret) >= 12:
-                text = text.replace(secret[-8:], "[redacted]")
-    return text
+                text = text.replace(secret[-8:], "[redacted]").replace(secret[-4:], "[redacted]")
+    return _KEYISH.sub("[redacted]", text)

@@ -127,6 +127,9 @@ class Endpoint(_Strict):
     models: tuple[str, ...] = Field(min_length=1)
     api_key: str | None = None
     """None inherits the scenario's key; "" turns the check off for this endpoint."""
+    echo_key: Literal["none", "masked", "full"] = "none"
+    """What a 401 says of the key it got: nothing, OpenAI's masked form
+    (``sk-abc****wxyz``), or all of it, like a careless relay (secret tests)."""
     latency_ms: Latency = Latency(median=0.0, p99=0.0)
     ms_per_token: float = Field(default=0.0, ge=0.0)
     output_tokens: TokenRange = TokenRange(min=16, max=256)

@@ -138,7 +138,7 @@ class EndpointServer:
         if path == "/v1/models" and method == "GET":
             self.stats.requests += 1
             if self._auth is not None and request.headers.get("Authorization") != self._auth:
-                return self._answer(401, _BAD_KEY)
+                return self._answer(401, self._bad_key(request))
             return self._answer(200, models_body(self.endpoint.models, 0, "fleet"))
         if path == "/fleet/stats" and method == "GET":
             return web.Response(body=orjson.dumps(self._admin.stats()), headers=self._headers)
@@ -152,11 +152,23 @@ class EndpointServer:
             headers=self._headers,
         )
 
+    def _bad_key(self, request: web.BaseRequest) -> bytes:
+        echo = self.endpoint.echo_key
+        if echo == "none":
+            return _BAD_KEY
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        shown = given if echo == "full" else f"{given[:3]}{'*' * 20}{given[-4:]}"
+        return error_body(
+            f"Incorrect API key provided: {shown}. (fleet: api_key)",
+            "invalid_request_error",
+            "invalid_api_key",
+        )
+
     async def _chat(self, request: web.BaseRequest) -> web.StreamResponse:
         stats = self.stats
         stats.requests += 1
         if self._auth is not None and request.headers.get("Authorization") != self._auth:
-            return self._answer(401, _BAD_KEY)
+            return self._answer(401, self._bad_key(request))
         call = parse_chat(await request.read(), self.endpoint.models)
         if isinstance(call, Refusal):
             return self._answer(call.status, call.body)
