@@ -53,6 +53,8 @@ class LlmqClient:
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._exchange: aio_pika.abc.AbstractExchange | None = None
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._reply: aio_pika.abc.AbstractQueue | None = None
+        self._reply_tag: str | None = None
         self.reply_queue = f"llmq.reply.{uuid.uuid4().hex}"
 
     @property
@@ -73,18 +75,23 @@ class LlmqClient:
         # queue; not exclusive and not auto-delete, so it outlives a dropped
         # connection and keeps the replies published meanwhile. The broker deletes
         # it once it has been unused for _REPLY_QUEUE_EXPIRES_MS.
-        queue = await self._channel.declare_queue(
+        self._reply = await self._channel.declare_queue(
             self.reply_queue,
             durable=False,
             arguments={"x-expires": _REPLY_QUEUE_EXPIRES_MS},
         )
-        await queue.consume(self._on_reply, no_ack=True)
+        self._reply_tag = await self._reply.consume(self._on_reply, no_ack=True)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         for future in self._waiting.values():
             future.cancel()
         self._waiting.clear()
+        if self._reply is not None and self._reply_tag is not None:
+            # Cancel first: deleting a queue under its consumer makes the broker
+            # cancel it, which aio-pika logs as a warning.
+            with contextlib.suppress(Exception):
+                await self._reply.cancel(self._reply_tag)
         if self._channel is not None and not self._channel.is_closed:
             with contextlib.suppress(Exception):
                 await self._channel.queue_delete(self.reply_queue)
