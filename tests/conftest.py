@@ -12,11 +12,17 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 from urllib.parse import quote
 
+import aio_pika
 import pytest
+from harness import FLEET_KEY
 from hypothesis import settings
+
+from schemas.settings import Settings, load_settings
+from workers.fleet import Fleet
 
 # CI replays a fixed set of examples so a new random find can't fail an
 # unrelated change; local runs keep exploring (and remember what they find).
@@ -65,3 +71,60 @@ def amqp_url(vhost: str) -> str:
 def rabbitmqctl() -> object:
     """Run rabbitmqctl; tests that change broker state must restore it."""
     return _rabbitmqctl
+
+
+# Fixtures for tests that run workers against the fake fleet: each test gets
+# its own exchange and queue names inside the session's vhost.
+
+
+@pytest.fixture
+def names() -> dict[str, str]:
+    """Unique topology names for one test."""
+    p = f"t{uuid.uuid4().hex[:8]}"
+    return {
+        "jobs_exchange": f"{p}.jobs",
+        "dead_exchange": f"{p}.dlx",
+        "dead_queue": f"{p}.dead",
+        "queue_prefix": f"{p}.q.",
+    }
+
+
+@pytest.fixture
+def make_settings(
+    amqp_url: str, names: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., Settings]:
+    """Settings for a worker of this test: endpoints from a running fleet."""
+    monkeypatch.setenv("LLMQ_TEST_FLEET_KEY", FLEET_KEY)
+    monkeypatch.delenv("LLMQ_CONFIG", raising=False)
+
+    def make(fleet: Fleet, *, models: dict[str, Any] | None = None, **sections: Any) -> Settings:
+        endpoints = []
+        for name, info in fleet.endpoints.items():
+            spec = fleet.scenario.endpoint(name)
+            endpoints.append(
+                {
+                    "name": name,
+                    "base_url": info.url,
+                    "api_key_env": "LLMQ_TEST_FLEET_KEY",
+                    "models": {m: m for m in spec.models},
+                    "max_concurrency": 256,
+                }
+            )
+        topology = {**names, "delivery_limit": 3, **sections.pop("topology", {})}
+        return load_settings(
+            None,
+            broker={"url": amqp_url},
+            topology=topology,
+            endpoints=sections.pop("endpoints", endpoints),
+            models=models or {},
+            **sections,
+        )
+
+    return make
+
+
+@pytest.fixture
+async def connection(amqp_url: str) -> AsyncIterator[aio_pika.abc.AbstractConnection]:
+    conn = await aio_pika.connect(amqp_url)
+    yield conn
+    await conn.close()

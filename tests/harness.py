@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -179,3 +181,63 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+RESULTS: list[dict[str, Any]] = []
+"""Fault-suite summaries, one per case (printed at the end of the session)."""
+
+
+@dataclass
+class Ledger:
+    """Job ids published, and every reply and dead letter seen for each."""
+
+    case: str
+    fault: str
+    published: set[str] = field(default_factory=set)
+    replies: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    dead: dict[str, int] = field(default_factory=dict)
+
+    def reply(self, job_id: str, envelope: dict[str, Any]) -> None:
+        self.replies.setdefault(job_id, []).append(envelope)
+
+    def dead_letter(self, job_id: str) -> None:
+        self.dead[job_id] = self.dead.get(job_id, 0) + 1
+
+    @property
+    def prefix(self) -> str:
+        """The case name as a valid job-id prefix."""
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", self.case).strip("-")
+
+    @property
+    def lost(self) -> set[str]:
+        return self.published - set(self.replies)
+
+    def settled(self) -> bool:
+        """Every job replied, and every failed one dead-lettered."""
+        return not self.lost and not self.failed_without_dead_letter()
+
+    def failed_without_dead_letter(self) -> set[str]:
+        failed = {j for j, rs in self.replies.items() if all(r["status"] == "error" for r in rs)}
+        return failed - set(self.dead)
+
+    def check(self) -> None:
+        """The suite's invariant: none lost; every failure also a dead letter."""
+        summary = self.summary()
+        RESULTS.append(summary)
+        assert self.lost == set(), f"lost jobs: {sorted(self.lost)[:10]}"
+        assert self.failed_without_dead_letter() == set()
+        assert set(self.replies) <= self.published  # nothing unexpected
+
+    def summary(self) -> dict[str, Any]:
+        ok = sum(1 for rs in self.replies.values() if any(r["status"] == "ok" for r in rs))
+        return {
+            "case": self.case,
+            "fault": self.fault,
+            "published": len(self.published),
+            "ok": ok,
+            "errors": len(self.replies) - ok,
+            "dead_letters": sum(self.dead.values()),
+            "duplicates": sum(len(rs) - 1 for rs in self.replies.values())
+            + sum(n - 1 for n in self.dead.values()),
+            "lost": len(self.lost),
+        }

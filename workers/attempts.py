@@ -18,6 +18,7 @@ import orjson
 from schemas.codec import Job
 from schemas.errors import ErrorCode
 from workers.errors import UpstreamFailure
+from workers.events import NOOP, AttemptDone, Hedged, Hook, Retried
 from workers.routing import (
     Choice,
     GiveUp,
@@ -36,6 +37,9 @@ from workers.upstream import Target, Upstream, UpstreamReply
 __all__ = ["Dispatcher", "Failed", "Served"]
 
 log = logging.getLogger("llmq.worker")
+
+_MIN_ATTEMPT_S = 0.05
+"""Don't start a first attempt with less time than this before the deadline."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +83,7 @@ class Dispatcher:
         margin_s: float,
         clock: Callable[[], float],
         rand: Callable[[], float],
+        hook: Hook = NOOP,
     ) -> None:
         self.router = router
         self.budget = budget
@@ -88,6 +93,7 @@ class Dispatcher:
         self._margin_s = margin_s
         self._clock = clock
         self._rand = rand
+        self._hook = hook
         self._release: asyncio.Future[None] | None = None
 
     async def run(self, job: Job, model: str, *, deadline: float, hedge: bool) -> Served | Failed:
@@ -97,6 +103,16 @@ class Dispatcher:
         choice = await self._first_choice(model, work, deadline)
         if isinstance(choice, NoChoice):
             return Failed(choice.code, choice.reason, 0, False, None, None)
+        if deadline - self._margin_s - self._clock() < _MIN_ATTEMPT_S:
+            # A slot freed only as the deadline came: an attempt could not finish.
+            return Failed(
+                ErrorCode.DEADLINE_EXCEEDED,
+                "deadline passed waiting for capacity",
+                0,
+                False,
+                None,
+                None,
+            )
         if log.isEnabledFor(logging.DEBUG):
             self._explain(job, model, work)
 
@@ -109,6 +125,7 @@ class Dispatcher:
                 done = await self._race(running, model, work, deadline, progress, hedge)
                 if isinstance(done, Choice):  # the hedge timer fired and the core agreed
                     progress = replace(progress.attempted(done.endpoint), hedged=True)
+                    self._hook(Hedged(done.endpoint))
                     running.append(self._start(done, job, work, deadline))
                     done = await self._race(running, model, work, deadline, progress, False)
                 assert isinstance(done, _Running)
@@ -138,6 +155,7 @@ class Dispatcher:
                         done.choice.model,
                     )
                 choice = step.choice
+                self._hook(Retried(choice.endpoint, failure.kind.value))
         finally:
             await _cancel_all(running)
 
@@ -165,12 +183,11 @@ class Dispatcher:
         while isinstance(choice, NoChoice):
             now = self._clock()
             limit = deadline - self._margin_s
-            if choice.retry_at is not None:
-                if choice.retry_at >= limit:
-                    return choice
+            if choice.on_completion:
+                # A slot may free on a completion, before any known time.
+                wake = limit if choice.retry_at is None else min(choice.retry_at, limit)
+            elif choice.retry_at is not None and choice.retry_at < limit:
                 wake = choice.retry_at
-            elif choice.code is ErrorCode.OVER_CAPACITY:
-                wake = limit
             else:
                 return choice
             if wake <= now:
@@ -263,16 +280,20 @@ class Dispatcher:
             )
         except UpstreamFailure as failure:
             self._attempt_ended()
-            router.fail(
-                attempt, failure.kind, now=self._clock(), retry_after_s=failure.retry_after_s
-            )
+            end = self._clock()
+            router.fail(attempt, failure.kind, now=end, retry_after_s=failure.retry_after_s)
+            self._hook(AttemptDone(choice.endpoint, choice.model, failure.kind.value, end - now))
             raise
         except BaseException:
             self._attempt_ended()
-            router.cancel(attempt, now=self._clock())
+            end = self._clock()
+            router.cancel(attempt, now=end)
+            self._hook(AttemptDone(choice.endpoint, choice.model, "cancelled", end - now))
             raise
         self._attempt_ended()
-        router.succeed(attempt, now=self._clock(), output_tokens=reply.completion_tokens)
+        end = self._clock()
+        router.succeed(attempt, now=end, output_tokens=reply.completion_tokens)
+        self._hook(AttemptDone(choice.endpoint, choice.model, "ok", end - now))
         return reply
 
     def _explain(self, job: Job, model: str, work: Work) -> None:

@@ -19,9 +19,10 @@ Cost of sending a job of ``n`` output tokens (all in seconds)::
   As soon as that probe is in flight the undecayed values apply again, so a
   recovering endpoint gets one probe, not a herd.
 * Cold (no sample yet): its cost is only its failure term (≈ 0), so it is tried
-  first (Finagle, Linkerd), but while that probe is in flight it sits behind
-  every warm endpoint (``COLD_PENALTY_S``): one probe at a time. Its
-  ``predicted_s`` is ``cold_s``, the fleet's best shape, for deadline checks.
+  first (Finagle, Linkerd), but while that probe is in flight it is skipped
+  (``Skip.COLD_PROBE``, a capacity reason: jobs wait for a slot rather than
+  herd onto an endpoint nobody has heard from). Its ``predicted_s`` is
+  ``cold_s``, the fleet's best shape, for deadline checks.
 """
 
 from __future__ import annotations
@@ -33,10 +34,7 @@ from workers.routing.health import Circuit, CircuitState, FailureStats, Unusable
 from workers.routing.limits import AimdLimit, Cooldown, TokenBucket
 from workers.routing.values import EndpointStatus, Skip
 
-__all__ = ["COLD_PENALTY_S", "EndpointState"]
-
-COLD_PENALTY_S = 1e9
-"""Added to the cost of a cold endpoint whose first probe is still out."""
+__all__ = ["EndpointState"]
 _TINY = 1e-9
 
 
@@ -123,6 +121,10 @@ class EndpointState:
             return Skip.RATE_LIMIT
         if self.tpm is not None and not self.tpm.can_take(need_tokens, now):
             return Skip.RATE_LIMIT
+        if self.in_flight and not self.latency.samples:
+            # Cold: one probe at a time. A start-up burst would otherwise spread
+            # over every unknown endpoint, hanging ones included, before any answers.
+            return Skip.COLD_PROBE
         return None
 
     def ejected(self, now: float) -> bool:
@@ -171,8 +173,9 @@ class EndpointState:
         predicted += fail
         self.predicted_s = predicted
         if not lat.samples:
-            # Finagle: a new endpoint is tried first, but only once until it answers.
-            return COLD_PENALTY_S + predicted * (1.0 + busy) if busy else fail
+            # Finagle: a new endpoint is tried first (cost ≈ 0); once its probe is
+            # out, blocked() skips it (COLD_PROBE), so this only serves explain().
+            return fail
         return predicted * (1.0 + busy / self.capacity.value)
 
     def _refresh(self, now: float) -> None:

@@ -146,7 +146,7 @@ class Router:
     def _no_choice(
         self, chain: Sequence[str], work: Work, now: float, exclude: frozenset[str]
     ) -> NoChoice:
-        capacity = False
+        capacity = on_completion = False
         retry_at: float | None = None
         parts: list[str] = []
         need = self.workload.reserve(work)
@@ -154,6 +154,7 @@ class Router:
         # pick() just found every candidate blocked; the filter only satisfies the types.
         for candidate, skip in [(c, Skip(c.skip)) for c in candidates if c.skip is not None]:
             capacity = capacity or skip.capacity
+            on_completion = on_completion or skip in (Skip.BUSY, Skip.COLD_PROBE)
             state = self._states[candidate.name]
             at = state.available_at(skip, candidate.model, now, need)
             if at is not None and (retry_at is None or at < retry_at):
@@ -161,7 +162,7 @@ class Router:
             parts.append(f"{candidate.name}={skip.value}")
         code = ErrorCode.OVER_CAPACITY if capacity else ErrorCode.NO_HEALTHY_ENDPOINT
         reason = f"no usable endpoint for {'/'.join(chain)}: {', '.join(parts)}"
-        return NoChoice(code, reason, retry_at)
+        return NoChoice(code, reason, retry_at, on_completion)
 
     def explain(self, model: str, *, work: Work, now: float) -> list[Candidate]:
         """Every endpoint considered for ``model`` and its fallbacks, with cost or skip reason."""

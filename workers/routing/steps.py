@@ -154,15 +154,20 @@ def _wait(
     router: Router,
 ) -> Step:
     cfg = router.config
+    retry = max(progress.attempts - 1, 0) + progress.waits
+    backed_off = backoff(
+        retry, rand=rand(), base_s=cfg.backoff_base_s, cap_s=cfg.backoff_cap_s, remaining_s=left
+    )
     if isinstance(anywhere, NoChoice) and anywhere.retry_at is not None:
         until = max(anywhere.retry_at - now, 0.0)
         # Jobs waiting on the same cooldown would all wake at once; spread them.
         delay = until + rand() * min(until, cfg.backoff_base_s)
+        if anywhere.on_completion:
+            # A busy slot or a cold probe can free on a completion: look again
+            # after a backoff, not only at retry_at.
+            delay = min(delay, backed_off)
     else:
-        retry = max(progress.attempts - 1, 0) + progress.waits
-        delay = backoff(
-            retry, rand=rand(), base_s=cfg.backoff_base_s, cap_s=cfg.backoff_cap_s, remaining_s=left
-        )
+        delay = backed_off
     if delay >= left:
         if isinstance(anywhere, NoChoice):
             return GiveUp(anywhere.code, f"{anywhere.reason}; not before the deadline")

@@ -33,6 +33,9 @@ class NoChoice:
     retry_at: float | None
     """Earliest time something becomes usable by itself (cooldown end, half-open,
     bucket refill), on the caller's clock; None when only a completion frees one."""
+    on_completion: bool = False
+    """Some endpoint is only busy (full, or a cold probe out): a running attempt
+    ending frees it, possibly long before ``retry_at``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,7 @@ class Skip(StrEnum):
     UNUSABLE = "unusable"
     EJECTED = "ejected"
     PROBING = "probing"
+    COLD_PROBE = "cold_probe"
     COOLDOWN = "cooldown"
     BUSY = "busy"
     RATE_LIMIT = "rate_limit"
@@ -78,7 +82,7 @@ class Skip(StrEnum):
     @property
     def capacity(self) -> bool:
         """A capacity reason (frees up with time or completions), not a health one."""
-        return self in (Skip.COOLDOWN, Skip.BUSY, Skip.RATE_LIMIT)
+        return self in (Skip.COOLDOWN, Skip.BUSY, Skip.RATE_LIMIT, Skip.COLD_PROBE)
 
 
 @dataclass(frozen=True, slots=True)

@@ -108,12 +108,21 @@ def test_cold_endpoint_is_probed_first_and_once(make: Make) -> None:
     assert h.status("new").samples == 1
 
 
-def test_all_cold_still_spreads_a_burst(make: Make) -> None:
-    """At start-up every endpoint is cold: one probe each, then the least loaded."""
+def test_a_cold_start_burst_waits_for_the_first_answers(make: Make) -> None:
+    """At start-up every endpoint is cold: one probe each; the rest of a burst
+    waits for an answer (a capacity reason) instead of herding onto endpoints
+    nobody has heard from, one of which may hang."""
     h = make(["a", "b", "c"])
-    for _ in range(9):
+    for _ in range(3):
         h.begin(h.choose().endpoint)
-    assert [s.in_flight for s in h.router.snapshot(now=h.now)] == [3, 3, 3]
+    assert [s.in_flight for s in h.router.snapshot(now=h.now)] == [1, 1, 1]
+    waiting = h.pick()
+    assert isinstance(waiting, NoChoice)
+    assert waiting.code is ErrorCode.OVER_CAPACITY
+    assert waiting.retry_at is None  # frees on a completion
+    assert "a=cold_probe" in waiting.reason
+    h.serve("b", 0.1)  # b answers: now warm, it takes the next jobs
+    assert h.choose().endpoint == "b"
 
 
 def test_cold_estimate_uses_the_prior_without_any_history(make: Make) -> None:
@@ -183,6 +192,7 @@ def test_hanging_endpoint_is_avoided(make: Make) -> None:
 
 def test_max_concurrency_is_a_hard_limit(make: Make) -> None:
     h = make([EndpointSpec("a", {"m": "m"}, max_concurrency=2)])
+    h.serve("a", 0.1)  # warm, so the cold-probe limit is not what stops it
     h.begin("a")
     assert isinstance(h.pick(), Choice)
     h.begin("a")
@@ -195,12 +205,12 @@ def test_max_concurrency_is_a_hard_limit(make: Make) -> None:
 
 def test_rpm_bucket(make: Make) -> None:
     h = make([EndpointSpec("a", {"m": "m"}, 64, rpm=2)])
-    h.begin("a")
+    h.serve("a", 0.1, gap_s=0.0)  # warm (and one of the two requests this minute)
     h.begin("a")
     refused = h.pick()
     assert isinstance(refused, NoChoice)
     assert refused.code is ErrorCode.OVER_CAPACITY
-    assert refused.retry_at == pytest.approx(h.now + 30.0)
+    assert refused.retry_at == pytest.approx(h.now + 30.0, abs=0.5)
     h.tick(30.0)
     assert isinstance(h.pick(), Choice)
 
@@ -307,3 +317,13 @@ def test_unknown_endpoint_is_a_caller_bug(make: Make) -> None:
     with pytest.raises(ValueError, match="unknown endpoint 'zz'"):
         h.begin("zz")
     assert h.router.endpoints == ("a",)
+
+
+def test_explain_shows_a_cold_probe_that_outlived_the_estimate(make: Make) -> None:
+    """A cold endpoint's probe out longer than the estimate: explain says so, with its age."""
+    h = make(["a"])
+    h.begin("a")
+    h.tick(60.0)
+    [candidate] = h.router.explain("m", work=Work(10, 200), now=h.now)
+    assert candidate.skip == "cold_probe"
+    assert candidate.predicted_s == pytest.approx(60.0, abs=0.5)

@@ -272,3 +272,15 @@ def test_no_hedge_without_another_endpoint_of_the_same_model(make: Make) -> None
 def test_no_hedge_when_it_cannot_finish_before_the_deadline(make: Make) -> None:
     h = fleet(make)
     assert hedge(h, primary_on(h), deadline=h.now + 0.35, margin_s=0.3) is None
+
+
+def test_a_busy_peer_is_waited_for_even_when_the_cooldown_is_long(make: Make) -> None:
+    """a cools down for a minute, b is only busy: back off and look again, because
+    b frees on a completion long before a's cooldown ends."""
+    h = make([EndpointSpec("a", {"m": "m"}, 8), EndpointSpec("b", {"m": "m"}, 1)])
+    h.serve("b", 0.1)
+    h.begin("b")  # b is full
+    h.failing("a", FailureKind.RATE_LIMITED, retry_after_s=60.0, rand=lambda: 0.0)
+    result = step(h, tried(h, "a", deadline_in=10.0), FailureKind.RATE_LIMITED, rand=lambda: 0.5)
+    assert isinstance(result, Wait)
+    assert result.delay_s < 10.0

@@ -1,0 +1,346 @@
+"""Faults survived with nothing lost: every published job ends as a reply, and
+every failed one also as a dead letter. Duplicates only where at-least-once
+allows them, and counted (see conftest.Ledger)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import orjson
+import pytest
+from harness import Ledger, running_fleet, start_worker_process, write_worker_config
+
+from producers.client import LlmqClient
+from schemas.settings import Settings
+from workers.service import Worker
+
+pytestmark = [pytest.mark.faults, pytest.mark.rabbitmq]
+
+BODY = {"model": "m1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
+
+
+@asynccontextmanager
+async def collecting(amqp_url: str, settings: Settings, ledger: Ledger) -> AsyncIterator[str]:
+    """A durable reply queue and the dead-letter queue, consumed into ``ledger``
+    over a robust connection (it must outlive broker restarts)."""
+    connection = await aio_pika.connect_robust(amqp_url)
+    channel = await connection.channel()
+    name = f"replies.{uuid.uuid4().hex[:8]}"
+    replies = await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
+    dead = await channel.get_queue(settings.topology.dead_queue, ensure=False)
+
+    async def on_reply(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        envelope = orjson.loads(message.body)
+        ledger.reply(envelope["job_id"] or message.correlation_id, envelope)
+        await message.ack()
+
+    async def on_dead(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        ledger.dead_letter(message.message_id or "")
+        await message.ack()
+
+    await replies.consume(on_reply)
+    await dead.consume(on_dead)
+    try:
+        yield name
+    finally:
+        await connection.close()
+
+
+async def publish(
+    amqp_url: str, settings: Settings, ledger: Ledger, n: int, reply_to: str, **kw: Any
+) -> None:
+    async with LlmqClient(amqp_url, exchange=settings.topology.jobs_exchange) as client:
+        ids = [f"{ledger.prefix}-{i}" for i in range(n)]
+        ledger.published.update(ids)
+        await asyncio.gather(
+            *(
+                client.submit(
+                    kw.pop("body", BODY) if False else BODY, job_id=j, reply_to=reply_to, **kw
+                )
+                for j in ids
+            )
+        )
+
+
+async def settle(ledger: Ledger, timeout: float = 120) -> None:
+    """Wait until every job is replied and every failure dead-lettered."""
+    async with asyncio.timeout(timeout):
+        while not ledger.settled():  # noqa: ASYNC110 - polling the ledger's counts
+            await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)  # let late duplicates arrive, so they are counted
+
+
+@asynccontextmanager
+async def worker_in_process(settings: Settings, **kw: Any) -> AsyncIterator[Worker]:
+    worker = Worker(settings, name=f"w-{uuid.uuid4().hex[:4]}", **kw)
+    await worker.start()
+    try:
+        yield worker
+    finally:
+        await worker.stop(grace_s=5)
+
+
+async def test_worker_sigkill_with_jobs_in_flight(
+    tmp_path: Path,
+    amqp_url: str,
+    names: dict[str, str],
+    make_settings: Callable[..., Settings],
+    connection: aio_pika.abc.AbstractConnection,
+    ledger: Ledger,
+) -> None:
+    """SIGKILL one of two workers with hundreds of jobs in flight"""
+    endpoint = {"name": "a", "models": ["m1"], "latency_ms": {"median": 800, "p99": 1200}}
+    async with running_fleet(endpoint) as fleet:
+        settings = make_settings(fleet)
+        queue = f"{names['queue_prefix']}interactive"
+        config = write_worker_config(tmp_path / "llmq.toml", amqp_url, names, {"a": fleet.url("a")})
+        victim = await start_worker_process(config, connection, queue)
+        survivor = await start_worker_process(config, connection, queue)
+        try:
+            async with collecting(amqp_url, settings, ledger) as replies:
+                await publish(amqp_url, settings, ledger, 600, replies)
+                async with asyncio.timeout(30):  # hundreds really in flight
+                    while fleet.stats()["a"].in_flight < 200:  # noqa: ASYNC110 - polling
+                        await asyncio.sleep(0.05)
+                victim.send_signal(signal.SIGKILL)
+                await settle(ledger)
+        finally:
+            for proc in (victim, survivor):
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                await asyncio.to_thread(proc.wait, 30)
+    ledger.check()
+    assert all(rs[0]["status"] == "ok" for rs in ledger.replies.values())
+
+
+async def test_connections_closed_during_load(
+    tmp_path: Path,
+    amqp_url: str,
+    vhost: str,
+    names: dict[str, str],
+    make_settings: Callable[..., Settings],
+    connection: aio_pika.abc.AbstractConnection,
+    rabbitmqctl: Callable[..., Any],
+    ledger: Ledger,
+) -> None:
+    """rabbitmqctl close_all_connections during load"""
+    endpoint = {"name": "a", "models": ["m1"], "latency_ms": {"median": 800, "p99": 1200}}
+    async with running_fleet(endpoint) as fleet:
+        settings = make_settings(fleet)
+        queue = f"{names['queue_prefix']}interactive"
+        config = write_worker_config(tmp_path / "llmq.toml", amqp_url, names, {"a": fleet.url("a")})
+        worker = await start_worker_process(config, connection, queue)
+        try:
+            async with collecting(amqp_url, settings, ledger) as replies:
+                load = asyncio.create_task(publish(amqp_url, settings, ledger, 500, replies))
+                await asyncio.sleep(0.3)
+                result = await asyncio.to_thread(
+                    rabbitmqctl, "close_all_connections", "--vhost", vhost, "fault suite"
+                )
+                assert result.returncode == 0, result.stderr
+                await load
+                await settle(ledger)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(worker.wait, 30)
+    ledger.check()
+
+
+async def test_broker_restart_during_load(
+    tmp_path: Path,
+    amqp_url: str,
+    names: dict[str, str],
+    make_settings: Callable[..., Settings],
+    connection: aio_pika.abc.AbstractConnection,
+    rabbitmqctl: Callable[..., Any],
+    ledger: Ledger,
+) -> None:
+    """rabbitmqctl stop_app / start_app during load"""
+    endpoint = {"name": "a", "models": ["m1"], "latency_ms": {"median": 500, "p99": 800}}
+    async with running_fleet(endpoint) as fleet:
+        settings = make_settings(fleet)
+        queue = f"{names['queue_prefix']}interactive"
+        config = write_worker_config(tmp_path / "llmq.toml", amqp_url, names, {"a": fleet.url("a")})
+        worker = await start_worker_process(config, connection, queue)
+        try:
+            async with collecting(amqp_url, settings, ledger) as replies:
+                await publish(amqp_url, settings, ledger, 400, replies, sla_ms=120_000)
+                await asyncio.sleep(0.5)
+                try:
+                    stopped = await asyncio.to_thread(rabbitmqctl, "stop_app")
+                    assert stopped.returncode == 0, stopped.stderr
+                    await asyncio.sleep(2)
+                finally:
+                    started = await asyncio.to_thread(rabbitmqctl, "start_app")
+                    assert started.returncode == 0, started.stderr
+                await settle(ledger, timeout=180)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(worker.wait, 60)
+    ledger.check()
+
+
+FAULTS: dict[str, dict[str, Any]] = {
+    "hang": {"hang_rate": 1.0},
+    "refused": {"down_now": True},
+    "5xx_storm": {"error_rate": 1.0, "error_status": 503},
+    "429_storm": {"rate_limit_rate": 1.0, "retry_after_s": 2},
+    "drip": {"drip_s": 0.5},
+    "malformed": {"malformed_rate": 1.0},
+    "no_usage": {"no_usage_rate": 1.0},
+}
+
+
+@pytest.mark.parametrize("alone", [False, True], ids=["with_a_healthy_peer", "alone"])
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+async def test_upstream_faults(
+    fault: str,
+    alone: bool,
+    amqp_url: str,
+    make_settings: Callable[..., Settings],
+    ledger: Ledger,
+) -> None:
+    """An upstream that hangs, refuses, storms 5xx or 429, drips, is malformed or omits usage"""
+    ledger.fault = f"upstream {fault}" + (" (only endpoint)" if alone else " (+ healthy peer)")
+    spec = dict(FAULTS[fault])
+    down = spec.pop("down_now", False)
+    endpoints = [
+        {"name": "faulty", "models": ["m1"], "latency_ms": {"median": 20, "p99": 40}, **spec}
+    ]
+    if not alone:
+        endpoints.append(
+            {"name": "healthy", "models": ["m1"], "latency_ms": {"median": 50, "p99": 80}}
+        )
+    async with running_fleet(*endpoints) as fleet:
+        if down:
+            await fleet.set_down("faulty", True)
+        settings = make_settings(fleet)
+        async with worker_in_process(settings), collecting(amqp_url, settings, ledger) as replies:
+            # A short deadline, so hangs end by it rather than by a long attempt timeout.
+            await publish(amqp_url, settings, ledger, 100, replies, sla_ms=3000)
+            await settle(ledger, timeout=60)
+    ledger.check()
+    statuses = [rs[0]["status"] for rs in ledger.replies.values()]
+    import collections
+
+    print(
+        "DEBUG",
+        collections.Counter(
+            (
+                rs[0]["routing"].get("endpoint"),
+                rs[0]["routing"].get("attempts"),
+                rs[0]["routing"].get("hedged"),
+                (rs[0]["error"] or {}).get("message", "")[:90],
+            )
+            for rs in ledger.replies.values()
+        ),
+        fleet.stats()["faulty"].requests,
+    )
+    if fault in ("drip", "no_usage") or not alone:
+        assert statuses.count("ok") >= 95, ledger.summary()
+
+
+async def test_poison_message(
+    amqp_url: str,
+    make_settings: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
+    ledger: Ledger,
+) -> None:
+    """A poison message that makes the handler raise every time"""
+    original = Worker._serve
+
+    async def buggy(self: Worker, message: Any) -> Any:
+        if (message.message_id or "").endswith("-0"):
+            raise RuntimeError("poison")
+        return await original(self, message)
+
+    monkeypatch.setattr(Worker, "_serve", buggy)
+    async with running_fleet({"name": "a", "models": ["m1"]}) as fleet:
+        settings = make_settings(fleet)
+        async with worker_in_process(settings), collecting(amqp_url, settings, ledger) as replies:
+            await publish(amqp_url, settings, ledger, 50, replies)
+            await settle(ledger, timeout=60)
+    ledger.check()
+    poison = ledger.replies[f"{ledger.prefix}-0"][0]
+    assert poison["error"]["code"] == "internal_error"
+    assert ledger.dead == {f"{ledger.prefix}-0": 1}
+
+
+async def test_no_delivery_is_held_past_its_deadline(
+    amqp_url: str,
+    make_settings: Callable[..., Settings],
+    ledger: Ledger,
+) -> None:
+    """Upstreams that hang: every job is answered by its deadline (consumer timeout can't fire)"""
+    endpoints = (
+        {"name": "hang1", "models": ["m1"], "hang_rate": 1.0},
+        {"name": "hang2", "models": ["m1"], "hang_rate": 1.0},
+    )
+    async with running_fleet(*endpoints) as fleet:
+        settings = make_settings(fleet)
+        async with worker_in_process(settings), collecting(amqp_url, settings, ledger) as replies:
+            started = time.time()
+            await publish(amqp_url, settings, ledger, 100, replies, sla_ms=1500)
+            await settle(ledger, timeout=30)
+            finished = time.time()
+    ledger.check()
+    assert {rs[0]["error"]["code"] for rs in ledger.replies.values()} == {"deadline_exceeded"}
+    # Published within ~1 s, deadlines 1.5 s later: all answered well before a minute.
+    assert finished - started < 1.5 + 3.0
+
+
+def _watermark(rabbitmqctl: Callable[..., Any]) -> str:
+    got = rabbitmqctl("eval", "vm_memory_monitor:get_vm_memory_high_watermark().")
+    value = got.stdout.strip()
+    # A relative watermark prints as a float; anything else: restore the default.
+    return value if value.replace(".", "", 1).isdigit() else "0.4"
+
+
+async def test_memory_alarm(
+    amqp_url: str,
+    make_settings: Callable[..., Settings],
+    rabbitmqctl: Callable[..., Any],
+    ledger: Ledger,
+) -> None:
+    """Broker memory alarm (watermark near 0, then restored)"""
+    async with running_fleet(
+        {"name": "a", "models": ["m1"], "latency_ms": {"median": 50, "p99": 80}}
+    ) as fleet:
+        settings = make_settings(fleet)
+        async with (
+            worker_in_process(settings) as worker,
+            collecting(amqp_url, settings, ledger) as replies,
+        ):
+            await publish(amqp_url, settings, ledger, 200, replies, sla_ms=120_000)
+            before = await asyncio.to_thread(_watermark, rabbitmqctl)
+            try:
+                alarm = await asyncio.to_thread(
+                    rabbitmqctl, "set_vm_memory_high_watermark", "0.000001"
+                )
+                assert alarm.returncode == 0, alarm.stderr
+                # Publishers block: a submit does not complete while the alarm is on.
+                async with LlmqClient(amqp_url, exchange=settings.topology.jobs_exchange) as client:
+                    blocked = asyncio.create_task(
+                        client.submit(BODY, job_id=f"{ledger.prefix}-late", reply_to=replies)
+                    )
+                    ledger.published.add(f"{ledger.prefix}-late")
+                    await asyncio.sleep(2)
+                    assert not blocked.done()
+                    restore = await asyncio.to_thread(
+                        rabbitmqctl, "set_vm_memory_high_watermark", "0.4"
+                    )
+                    assert restore.returncode == 0
+                    await asyncio.wait_for(blocked, 60)
+            finally:
+                await asyncio.to_thread(rabbitmqctl, "set_vm_memory_high_watermark", before)
+            await settle(ledger, timeout=120)
+        assert worker.stats.ok >= 200
+    ledger.check()
