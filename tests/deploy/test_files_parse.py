@@ -1,0 +1,63 @@
+"""Every file under deploy/ parses, and none holds a real-looking secret."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+# Documented fakes: the fake fleet's keys (sk-fleet-<scenario>), the gateway's demo key.
+DEMO_KEY = re.compile(r"sk-fleet-[a-z]+|sk-llmq-demo")
+
+
+def files(*suffixes: str) -> list[Path]:
+    return sorted(p for p in DEPLOY.rglob("*") if p.is_file() and p.suffix in suffixes)
+
+
+def test_there_is_something_to_check() -> None:
+    assert len(files(".yaml", ".yml")) >= 12
+    assert len(files(".json")) >= 2
+    assert len(files(".toml")) >= 4
+
+
+@pytest.mark.parametrize("path", files(".json"), ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_json_parses(path: Path) -> None:
+    assert isinstance(json.loads(path.read_text()), dict)
+
+
+@pytest.mark.parametrize("path", files(".toml"), ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_toml_parses(path: Path) -> None:
+    assert tomllib.loads(path.read_text())
+
+
+@pytest.mark.parametrize("path", files(".yaml", ".yml"), ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_yaml_parses(path: Path, yaml_docs: Callable[[Path], list[Any]]) -> None:
+    docs = yaml_docs(path)
+    assert docs and all(isinstance(doc, dict) for doc in docs)
+
+
+def test_no_real_looking_secret_anywhere() -> None:
+    for path in sorted(p for p in DEPLOY.rglob("*") if p.is_file() and p.suffix != ".pyc"):
+        text = path.read_text(errors="replace")
+        for key in re.findall(r"\bsk-[A-Za-z0-9_-]{6,}", text):
+            assert DEMO_KEY.fullmatch(key), f"{path.relative_to(DEPLOY)}: {key}"
+        assert not re.search(r"-----BEGIN [A-Z ]*PRIVATE KEY-----", text), path
+        # A URL with a password holds a documented dev password or a placeholder.
+        for password in re.findall(r"://[^:/@\s]+:([^@\s]+)@", text):
+            assert password in {
+                "admin-dev",
+                "producer-dev",
+                "worker-dev",
+                "operator-dev",
+                "monitor-dev",
+                "CHANGE_ME",
+                "...",
+                "…",
+                "guest",
+            } or password.startswith("<"), f"{path.relative_to(DEPLOY)}: {password}"
