@@ -51,6 +51,8 @@ def _settings(config: str | None) -> Settings:
         "gateway": "producers.gateway:gateway_command",
         "submit": "producers.submit:submit_command",
         "dlq": "producers.dlq:dlq_group",
+        "status": "producers.status:status_command",
+        "probe": "producers.probe:probe_command",
     },
     context_settings={"help_option_names": ["-h", "--help"]},
 )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from urllib.parse import urlsplit
 import click
 import orjson
 from aiohttp import web
+from prometheus_client.aiohttp import make_aiohttp_handler
 
 from producers.client import LlmqClient
 from producers.errors import LlmqError, PublishFailed
@@ -40,6 +42,7 @@ from producers.gateway_core import (
 )
 from schemas.errors import ErrorCode
 from schemas.settings import ConfigError, Settings, load_settings
+from workers.metrics import GatewayMetrics, new_registry
 
 __all__ = ["StartupError", "gateway_command", "make_app", "serve", "start_gateway"]
 
@@ -63,6 +66,7 @@ class _State:
     settings: Settings
     keys: KeyRing
     models: bytes
+    metrics: GatewayMetrics
     client: LlmqClient | None = None
 
 
@@ -83,15 +87,17 @@ def make_app(settings: Settings) -> web.Application:
         settings=settings,
         keys=KeyRing(k.get_secret_value() for k in gw.api_keys),
         models=orjson.dumps(model_list(settings)),
+        metrics=GatewayMetrics(new_registry()),
     )
     # client_max_size: aiohttp stops reading a body past the limit (413).
-    app = web.Application(client_max_size=gw.max_body_bytes, middlewares=[_errors, _auth])
+    app = web.Application(client_max_size=gw.max_body_bytes, middlewares=[_measure, _errors, _auth])
     app[_STATE] = state
     app.cleanup_ctx.append(_broker)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", make_aiohttp_handler(state.metrics.registry))
     return app
 
 
@@ -117,6 +123,30 @@ def _respond(answer: Answer) -> web.Response:
         headers=answer.headers,
         content_type="application/json",
     )
+
+
+@web.middleware
+async def _measure(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count every answer by route and status, and time it (``/metrics``)."""
+    metrics = request.app[_STATE].metrics
+    start = time.perf_counter()
+    status = 500
+    metrics.in_flight.inc()
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    except ConnectionError:
+        status = 499  # the caller went away (nginx's code for it)
+        raise
+    finally:
+        metrics.in_flight.dec()
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        metrics.observe(route, status, time.perf_counter() - start)
 
 
 @web.middleware

@@ -36,11 +36,14 @@ from schemas.contract import SlaClass
 
 __all__ = [
     "BrokerSettings",
+    "BudgetSettings",
+    "BudgetsSettings",
     "ClassSettings",
     "ConfigError",
     "EndpointModel",
     "EndpointSettings",
     "GatewaySettings",
+    "MetricsSettings",
     "ModelSettings",
     "Settings",
     "TopologySettings",
@@ -96,6 +99,8 @@ class TopologySettings(_Strict):
     queue_prefix: str = Field(default="llmq.q.", max_length=200)
     delivery_limit: int = Field(default=5, ge=1, le=1000)
     """Deliveries of one job before the broker dead-letters it (poison guard)."""
+    state_exchange: str = Field(default="llmq.state", pattern=_NAME)
+    """Fanout exchange the workers share their state, health and spend on."""
     classes: dict[str, ClassSettings] = Field(default_factory=_default_classes)
 
     def queue_name(self, sla_class: str) -> str:
@@ -211,6 +216,8 @@ class WorkerSettings(_Strict):
     http_transport: Literal["aiohttp", "httpx", "httpx-aiohttp"] = "aiohttp"
     name: str | None = None
     """Worker name in dead letters and status; defaults to host:pid."""
+    state_interval_s: float = Field(default=1.0, gt=0, le=60)
+    """How often the worker publishes its state on ``topology.state_exchange``."""
 
 
 class GatewaySettings(_Strict):
@@ -232,6 +239,41 @@ class GatewaySettings(_Strict):
     sla_class: str = "interactive"
 
 
+class MetricsSettings(_Strict):
+    """The worker's HTTP endpoint: ``/metrics``, ``/healthz``, ``/readyz``."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=9464, ge=0, le=65535)
+    """0 picks a free port (tests); the bound port is ``Worker.metrics_port``."""
+    max_tenants: int = Field(default=100, ge=0, le=10_000)
+    """Distinct ``tenant`` label values; later tenants are counted as ``(other)``."""
+
+
+class BudgetSettings(_Strict):
+    """One monthly budget (UTC calendar month)."""
+
+    monthly_usd: float = Field(gt=0)
+    hard_cap: bool = False
+    """Once spent, answer ``over_budget`` instead of calling an upstream."""
+
+
+class BudgetsSettings(_Strict):
+    thresholds: tuple[float, ...] = (0.5, 0.75, 0.9)
+    """Fractions of a budget at which to alert, once per month each."""
+    models: dict[str, BudgetSettings] = Field(default_factory=dict)
+    """Canonical model name → its monthly budget, across all tenants."""
+    tenants: dict[str, BudgetSettings] = Field(default_factory=dict)
+    """Tenant (the job's ``tenant`` header) → its monthly budget, across all models."""
+
+    @field_validator("thresholds")
+    @classmethod
+    def _fractions(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 < t < 1 for t in value):
+            raise ValueError("each threshold is a fraction between 0 and 1 (exclusive)")
+        return tuple(sorted(set(value)))
+
+
 class Settings(BaseSettings):
     """Everything llmq reads at start-up."""
 
@@ -248,6 +290,8 @@ class Settings(BaseSettings):
     endpoints: list[EndpointSettings] = Field(default_factory=list)
     models: dict[str, ModelSettings] = Field(default_factory=dict)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    budgets: BudgetsSettings = Field(default_factory=BudgetsSettings)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @classmethod
@@ -302,6 +346,12 @@ class Settings(BaseSettings):
             for fallback in spec.fallbacks:
                 if fallback not in served:
                     raise ValueError(f"models.{model}.fallbacks: no endpoint serves {fallback!r}")
+        for model in self.budgets.models:
+            if self.endpoints and model not in served:
+                raise ValueError(
+                    f"budgets.models.{model}: no endpoint serves {model!r}"
+                    " (budgets name canonical models)"
+                )
         return self
 
     def canonical(self, model: str) -> str:

@@ -84,6 +84,9 @@ def plan(settings: TopologySettings) -> Topology:
         exchanges=(
             Exchange(settings.jobs_exchange, "topic"),
             Exchange(settings.dead_exchange, "fanout"),
+            # Workers' state, health and spend (workers/state.py): each worker
+            # binds its own exclusive queue, so the plan has no queue for it.
+            Exchange(settings.state_exchange, "fanout"),
         ),
         queues=tuple(queues),
         bindings=tuple(bindings),

@@ -17,7 +17,7 @@ import random
 import socket
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiormq
@@ -31,7 +31,9 @@ from schemas.topology import plan
 from workers.amqp import Publisher, connect, dead_letter_message, reply_message
 from workers.attempts import Dispatcher, Failed, Served
 from workers.errors import BrokerFailure, Unroutable
-from workers.routing import EndpointSpec, RetryBudget, Router, RoutingConfig, disposition
+from workers.events import JobDone, ObservedBudget, Spent
+from workers.routing import EndpointSpec, Router, RoutingConfig, disposition
+from workers.telemetry import Telemetry
 from workers.upstream import Target, Upstream, make_upstream
 
 __all__ = ["Worker", "WorkerStats"]
@@ -62,6 +64,9 @@ class _Outcome:
     code: ErrorCode | None = None
     message: str = ""
     attempts: int = 0
+    job: Job | None = None
+    routing: dict[str, Any] | None = None
+    duplicate: bool = False
 
 
 class Worker:
@@ -95,7 +100,16 @@ class Worker:
             config,
             rand=random.random,
         )
-        self.budget = RetryBudget.from_config(config)
+        budget = ObservedBudget(config.budget_ratio, config.budget_min_per_s, config.budget_ttl_s)
+        self.budget = budget
+        self.telemetry = Telemetry(
+            settings,
+            name=self.name,
+            router=self.router,
+            retry_budget=budget,
+            status=self.status,
+        )
+        budget.hook = self.telemetry.hook
         self._defaults = {k: c.default_sla_ms for k, c in settings.topology.classes.items()}
         self._hedge = {k: c.hedge for k, c in settings.topology.classes.items()}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -114,6 +128,11 @@ class Worker:
             f"<Worker {self.name} ok={s.ok} errors={s.errors} dead_letters={s.dead_letters}"
             f" requeued={s.requeued} in_flight={s.in_flight}>"
         )
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port of ``/metrics``, ``/healthz`` and ``/readyz`` once started (None if off)."""
+        return self.telemetry.port
 
     async def start(self) -> None:
         """Connect, declare the topology, start consuming every SLA-class queue."""
@@ -138,7 +157,9 @@ class Worker:
             margin_s=self.router.config.deadline_margin_s,
             clock=time.monotonic,
             rand=random.random,
+            hook=self.telemetry.hook,
         )
+        await self.telemetry.start(self._publish_conn, self._consume_conn, ready=self._ready)
         topo = self.settings.topology
         for sla_class in sorted(topo.classes):
             # One channel per queue: a channel error requeues only that queue's jobs.
@@ -174,6 +195,7 @@ class Worker:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
+        await self.telemetry.stop()
         for conn in (self._consume_conn, self._publish_conn):
             if conn is not None:
                 with contextlib.suppress(Exception):
@@ -240,7 +262,7 @@ class Worker:
         cached = self._recent.get(key)
         if cached is not None:
             self.stats.duplicates += 1
-            return _Outcome(job.job_id, cached)
+            return _Outcome(job.job_id, cached, job=job, duplicate=True)
         original = self._inflight.get(key)
         if original is not None:
             # A redelivery (lost ack, reconnect) of a job this worker is still
@@ -248,11 +270,15 @@ class Worker:
             self.stats.duplicates += 1
             await asyncio.wait({original})
             if not original.cancelled() and original.exception() is None:
-                return original.result()
+                return replace(original.result(), duplicate=True)
         future: asyncio.Future[_Outcome] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
-            outcome = await self._route(job, now_ms)
+            outcome = await (
+                self._route(job, now_ms)
+                if not self.telemetry.tracer.enabled
+                else self._traced(job, now_ms)
+            )
         except BaseException:
             future.cancel()
             raise
@@ -262,11 +288,35 @@ class Worker:
         future.set_result(outcome)
         return outcome
 
+    async def _traced(self, job: Job, now_ms: int) -> _Outcome:
+        """``_route`` inside an OpenTelemetry span (only when tracing is configured)."""
+        span = self.telemetry.tracer.start(job)
+        outcome: _Outcome | None = None
+        try:
+            outcome = await self._route(replace(job, traceparent=span.traceparent), now_ms)
+            return outcome
+        finally:
+            if outcome is None:
+                span.end(code="cancelled", model=None, endpoint=None, attempts=0)
+            else:
+                routing = outcome.routing or {}
+                span.end(
+                    code=None if outcome.code is None else outcome.code.value,
+                    model=routing.get("model"),
+                    endpoint=routing.get("endpoint"),
+                    attempts=outcome.attempts,
+                )
+
     async def _route(self, job: Job, now_ms: int) -> _Outcome:
         routing: dict[str, Any] = {"queue_ms": max(0, now_ms - job.published_ms)}
         if now_ms >= job.deadline_ms:
             return self._failure(
-                job.job_id, ErrorCode.DEADLINE_EXCEEDED, "deadline passed while queued", routing, 0
+                job.job_id,
+                ErrorCode.DEADLINE_EXCEEDED,
+                "deadline passed while queued",
+                routing,
+                0,
+                job,
             )
         model = self.router.resolve(job.model)
         if model is None:
@@ -276,8 +326,12 @@ class Worker:
                 f"no endpoint serves model {job.model[:100]!r}",
                 routing,
                 0,
+                job,
             )
         routing["model"] = model
+        over = self.telemetry.budgets.check(model, job.tenant)
+        if over is not None:
+            return self._failure(job.job_id, ErrorCode.OVER_BUDGET, over, routing, 0, job)
         assert self._dispatcher is not None
         mono = time.monotonic()
         deadline = mono + (job.deadline_ms - now_ms) / 1000
@@ -292,7 +346,9 @@ class Worker:
                 attempts=result.attempts,
                 hedged=result.hedged,
             )
-            return self._failure(job.job_id, result.code, result.message, routing, result.attempts)
+            return self._failure(
+                job.job_id, result.code, result.message, routing, result.attempts, job
+            )
         return self._success(job, result, routing)
 
     def _success(self, job: Job, served: Served, routing: dict[str, Any]) -> _Outcome:
@@ -301,6 +357,11 @@ class Worker:
         if usage_in is not None and usage_out is not None:
             price_in, price_out = self._endpoints[served.endpoint].price(served.model)
             cost = round((usage_in * price_in + usage_out * price_out) / 1e6, 8)
+        # Paid now, whatever happens to the reply: budgets and cost count it here.
+        self.telemetry.budgets.spend(served.model, job.tenant, cost)
+        self.telemetry.hook(
+            Spent(served.model, served.endpoint, job.tenant, usage_in, usage_out, cost)
+        )
         routing.update(
             model=served.model,
             endpoint=served.endpoint,
@@ -313,7 +374,7 @@ class Worker:
         )
         body = encode_reply(job.job_id, response=served.reply.body, routing=routing)
         self._remember((job.job_id, job.replay_count), body)
-        return _Outcome(job.job_id, body, attempts=served.attempts)
+        return _Outcome(job.job_id, body, attempts=served.attempts, job=job, routing=routing)
 
     def _failure(
         self,
@@ -322,9 +383,10 @@ class Worker:
         message: str,
         routing: dict[str, Any] | None,
         attempts: int,
+        job: Job | None = None,
     ) -> _Outcome:
         body = encode_reply(job_id, error=error_body(code, message), routing=routing)
-        return _Outcome(job_id, body, code, message, attempts)
+        return _Outcome(job_id, body, code, message, attempts, job, routing)
 
     def _remember(self, key: tuple[str, int], body: bytes) -> None:
         self._recent[key] = body
@@ -336,14 +398,18 @@ class Worker:
         assert self._publisher is not None
         plan = disposition(outcome.code, has_reply_to=bool(message.reply_to))
         extra: dict[str, Any] = {}
+        job = outcome.job
         if plan.reply and message.reply_to:
+            reply = reply_message(
+                outcome.reply,
+                correlation_id=message.correlation_id or message.message_id,
+                job_id=outcome.job_id,
+            )
+            if job is not None and job.traceparent is not None:
+                reply.headers["traceparent"] = job.traceparent  # W3C: the trace goes on
             try:
                 await self._publisher.publish(
-                    reply_message(
-                        outcome.reply,
-                        correlation_id=message.correlation_id or message.message_id,
-                        job_id=outcome.job_id,
-                    ),
+                    reply,
                     exchange="",
                     routing_key=message.reply_to,
                 )
@@ -375,6 +441,22 @@ class Worker:
             self.stats.errors += 1
             code = outcome.code.value
             self.stats.by_code[code] = self.stats.by_code.get(code, 0) + 1
+        routing = outcome.routing
+        self.telemetry.hook(
+            JobDone(
+                job_id=outcome.job_id,
+                sla_class=message.routing_key or "",
+                code=plan.code if plan.dead_letter else outcome.code,
+                dead_lettered=plan.dead_letter,
+                model=None if routing is None else routing.get("model"),
+                endpoint=None if routing is None else routing.get("endpoint"),
+                tenant=None if job is None else job.tenant,
+                attempts=outcome.attempts,
+                queue_s=_seconds(routing, "queue_ms"),
+                total_s=_seconds(routing, "total_ms"),
+                duplicate=outcome.duplicate,
+            )
+        )
 
     async def _dead_letter(
         self,
@@ -437,5 +519,27 @@ class Worker:
             "requeued": self.stats.requeued,
             "reconnects": self.stats.reconnects,
             "in_flight": self.stats.in_flight,
+            "duplicates": self.stats.duplicates,
             "by_code": dict(self.stats.by_code),
         }
+
+    def _ready(self) -> tuple[bool, dict[str, Any]]:
+        """Ready: both broker connections up and every queue consumed (``/readyz``)."""
+        broker = all(
+            c is not None and not c.is_closed and c.connected.is_set()
+            for c in (self._consume_conn, self._publish_conn)
+        )
+        consuming = bool(self._consumers) and not self._stopping
+        ok = broker and consuming
+        return ok, {
+            "status": "ready" if ok else "not ready",
+            "broker": broker,
+            "consumers": len(self._consumers),
+            "stopping": self._stopping,
+            "state_shared": self.telemetry.sharing,
+        }
+
+
+def _seconds(routing: dict[str, Any] | None, key: str) -> float | None:
+    value = None if routing is None else routing.get(key)
+    return None if value is None else value / 1000

@@ -1,0 +1,246 @@
+"""Instrumentation events: what happened, as frozen data, handed to hooks.
+
+The worker and the dispatcher do not call Prometheus or the logger here and
+there; at a few points they build one small event and hand it to their
+:class:`Hook`. Metrics (``workers.metrics``), the log lines, the state
+gossip and any future exporter are hooks, so the hot path knows nothing
+about them and a test can record the events with a list.
+
+Events, one allocation each:
+
+* :class:`AttemptDone`: an upstream call ended (ok, a failure kind, cancelled)
+* :class:`Retried` / :class:`Hedged`: a second attempt started
+* :class:`BUDGET_EXHAUSTED`: the retry budget refused a retry or a hedge
+* :class:`Spent`: an upstream answered with usage: tokens and USD
+* :class:`JobDone`: a delivery was settled (replied, dead-lettered, acked)
+* :class:`BudgetAlert`: a monthly budget crossed an alert threshold
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from schemas.errors import ErrorCode
+from workers.routing import RetryBudget
+
+__all__ = [
+    "BUDGET_EXHAUSTED",
+    "NOOP",
+    "AttemptDone",
+    "BudgetAlert",
+    "BudgetExhausted",
+    "Event",
+    "Hedged",
+    "Hook",
+    "Hooks",
+    "JobDone",
+    "LogHook",
+    "ObservedBudget",
+    "Retried",
+    "Spent",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptDone:
+    """One upstream call ended."""
+
+    endpoint: str
+    model: str
+    outcome: str
+    """``ok``, a FailureKind value (``server_error``, ``timeout``, …) or ``cancelled``."""
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Retried:
+    """A retry started at ``endpoint`` after a failure of ``after`` (a FailureKind value)."""
+
+    endpoint: str
+    after: str
+
+
+@dataclass(frozen=True, slots=True)
+class Hedged:
+    """A hedge request started at ``endpoint``."""
+
+    endpoint: str
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetExhausted:
+    """The retry budget refused a retry or a hedge."""
+
+
+BUDGET_EXHAUSTED = BudgetExhausted()
+"""The one instance: refusing costs no allocation."""
+
+
+@dataclass(frozen=True, slots=True)
+class Spent:
+    """An upstream answered: what it cost. Counted when paid, whatever the settling."""
+
+    model: str
+    endpoint: str
+    tenant: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    cost_usd: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class JobDone:
+    """A delivery was settled: its reply and dead letter confirmed, then acked."""
+
+    job_id: str | None
+    sla_class: str
+    code: ErrorCode | None
+    """None for an ok reply."""
+    dead_lettered: bool
+    model: str | None
+    endpoint: str | None
+    tenant: str | None
+    attempts: int
+    queue_s: float | None
+    """Publish to pick-up; None when unknown (a rejected or duplicate delivery)."""
+    total_s: float | None
+    """Publish to reply; None when the job never reached an upstream decision."""
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetAlert:
+    """Spend this month crossed ``threshold`` of a budget (once per threshold and month)."""
+
+    scope: str
+    """``model`` or ``tenant``."""
+    name: str
+    threshold: float
+    spent_usd: float
+    limit_usd: float
+    month: str
+
+
+Event = AttemptDone | Retried | Hedged | BudgetExhausted | Spent | JobDone | BudgetAlert
+
+
+class Hook(Protocol):
+    """Receives every event; ignores the kinds it does not care about. Must not raise."""
+
+    def __call__(self, event: Event) -> None: ...
+
+
+class _Noop:
+    def __call__(self, event: Event) -> None:
+        pass
+
+
+NOOP: Hook = _Noop()
+
+
+class Hooks:
+    """Several hooks as one, called in order."""
+
+    __slots__ = ("_hooks",)
+
+    def __init__(self, hooks: Iterable[Hook]) -> None:
+        self._hooks = tuple(hooks)
+
+    def __call__(self, event: Event) -> None:
+        for hook in self._hooks:
+            hook(event)
+
+
+class ObservedBudget(RetryBudget):
+    """A :class:`RetryBudget` that reports each refusal to a hook."""
+
+    __slots__ = ("hook",)
+
+    def __init__(self, ratio: float, min_per_s: float, ttl_s: float = 10.0) -> None:
+        super().__init__(ratio, min_per_s, ttl_s)
+        self.hook: Hook = NOOP
+
+    def try_spend(self, now: float) -> bool:
+        if super().try_spend(now):
+            return True
+        self.hook(BUDGET_EXHAUSTED)
+        return False
+
+
+# Codes a caller causes (a bad job, a spent budget): info. The rest say
+# something about the fleet or the worker: warning.
+_CALLER_CODES = frozenset(
+    {
+        ErrorCode.INVALID_REQUEST,
+        ErrorCode.UNKNOWN_MODEL,
+        ErrorCode.PAYLOAD_TOO_LARGE,
+        ErrorCode.OVER_BUDGET,
+    }
+)
+
+
+class LogHook:
+    """Log lines for finished jobs and budget alerts, with structured ``extra`` fields.
+
+    An ok job is a debug line (at 1 000 jobs/s an info line each would be the
+    loudest thing in the cluster); an error is info when the caller caused it
+    and warning otherwise. Every line carries ``job_id``, ``model``,
+    ``endpoint``, ``attempts`` and ``code``, which the JSON formatter turns
+    into keys.
+    """
+
+    __slots__ = ("_log",)
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._log = logger
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, JobDone):
+            self._job(event)
+        elif isinstance(event, BudgetAlert):
+            self._log.warning(
+                "budget %s %s: %d%% of %.2f USD spent this month (%.2f USD)",
+                event.scope,
+                event.name,
+                round(event.threshold * 100),
+                event.limit_usd,
+                event.spent_usd,
+                extra={
+                    "scope": event.scope,
+                    "budget": event.name,
+                    "threshold": event.threshold,
+                    "spent_usd": round(event.spent_usd, 6),
+                    "limit_usd": event.limit_usd,
+                    "month": event.month,
+                },
+            )
+
+    def _job(self, event: JobDone) -> None:
+        code = event.code
+        if code is None:
+            level = logging.DEBUG
+        elif code in _CALLER_CODES:
+            level = logging.INFO
+        else:
+            level = logging.WARNING
+        if not self._log.isEnabledFor(level):
+            return
+        self._log.log(
+            level,
+            "job %s %s%s",
+            event.job_id,
+            "ok" if code is None else code.value,
+            " (dead-lettered)" if event.dead_lettered else "",
+            extra={
+                "job_id": event.job_id,
+                "model": event.model,
+                "endpoint": event.endpoint,
+                "attempts": event.attempts,
+                "code": None if code is None else code.value,
+                "tenant": event.tenant,
+                "dead_lettered": event.dead_lettered,
+            },
+        )

@@ -1,0 +1,154 @@
+"""Everything the worker shows and shares, assembled in one place.
+
+The worker hands its events to ``Telemetry.hook`` (log lines, Prometheus
+series, the recent-errors window of the state message) and asks
+``Telemetry.budgets`` before and after each upstream call. ``start`` opens the
+HTTP endpoint (``/metrics``, ``/healthz``, ``/readyz``) and the state gossip;
+both are optional extras: when the port is taken or the state exchange is
+missing the worker logs it and keeps routing jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from aio_pika.abc import AbstractRobustConnection
+
+from schemas.settings import Settings
+from workers.budgets import BudgetKeeper
+from workers.events import Hook, Hooks, LogHook
+from workers.metrics import (
+    LoopMonitor,
+    MetricsServer,
+    Sources,
+    WorkerMetrics,
+    new_registry,
+    register_state,
+)
+from workers.routing import RetryBudget, Router
+from workers.state import StateBook, StateGossip
+from workers.tracing import Tracer, make_tracer
+
+__all__ = ["Telemetry"]
+
+log = logging.getLogger("llmq.worker")
+
+_STALE_LOOP_S = 10.0
+"""/healthz fails when the loop monitor has not ticked for this long."""
+
+Check = Callable[[], tuple[bool, dict[str, Any]]]
+
+
+class Telemetry:
+    """Metrics, logs, traces, budgets and state gossip of one worker."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        name: str,
+        router: Router,
+        retry_budget: RetryBudget,
+        status: Callable[[], Mapping[str, Any]],
+    ) -> None:
+        self.settings = settings
+        self.origin = f"{name}#{uuid.uuid4().hex[:6]}"
+        """Unique per process start: budgets count each start's spend once."""
+        self.router = router
+        self._status = status
+        self.registry = new_registry()
+        self.metrics = WorkerMetrics(self.registry, max_tenants=settings.metrics.max_tenants)
+        self.book = StateBook(origin=self.origin, worker=name)
+        self.hook: Hook = Hooks([LogHook(log), self.metrics, self.book])
+        self.budgets = BudgetKeeper(settings.budgets, origin=self.origin, hook=self.hook)
+        self.tracer: Tracer = make_tracer()
+        self.loop = LoopMonitor()
+        self.gossip = StateGossip(
+            exchange=settings.topology.state_exchange,
+            origin=self.origin,
+            interval_s=settings.worker.state_interval_s,
+            build=self.state,
+            heard=self.heard,
+        )
+        self.sharing = False
+        register_state(
+            self.registry,
+            Sources(
+                endpoints=lambda: router.snapshot(now=time.monotonic()),
+                counters=status,
+                retry_balance=lambda: retry_budget.balance(time.monotonic()),
+                budgets=self.budgets.view,
+                peers=self.gossip.peer_count,
+                loop_lag=lambda: self.loop.lag_s,
+            ),
+        )
+        self.server: MetricsServer | None = None
+        self.port: int | None = None
+
+    async def start(
+        self,
+        publish: AbstractRobustConnection,
+        consume: AbstractRobustConnection,
+        *,
+        ready: Check,
+    ) -> None:
+        """Open the HTTP endpoint and join the state exchange."""
+        self.loop.start()
+        cfg = self.settings.metrics
+        if cfg.enabled:
+            server = MetricsServer(self.registry, health=self.health, ready=ready)
+            try:
+                self.port = await server.start(cfg.host, cfg.port)
+                self.server = server
+                log.info("metrics on http://%s:%d/metrics", cfg.host, self.port)
+            except OSError as exc:
+                log.error(
+                    "metrics: cannot listen on %s:%d (%s); serving jobs without /metrics",
+                    cfg.host,
+                    cfg.port,
+                    exc.strerror or exc,
+                )
+        self.sharing = await self.gossip.start(publish, consume)
+
+    async def stop(self) -> None:
+        await self.gossip.stop()
+        if self.server is not None:
+            await self.server.stop()
+            self.server = None
+        await self.loop.stop()
+        self.tracer.shutdown()
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Alive: the event loop runs its timers (this answer itself needs the loop)."""
+        stale = time.monotonic() - self.loop.last_tick
+        ok = self.loop.alive and stale < _STALE_LOOP_S
+        return ok, {
+            "status": "ok" if ok else "event loop stalled",
+            "loop_lag_s": round(self.loop.lag_s, 4),
+        }
+
+    # --- state gossip ------------------------------------------------------------
+
+    def state(self, full: bool) -> dict[str, Any]:
+        """This worker's state message."""
+        now = time.monotonic()
+        return self.book.build(
+            statuses=self.router.snapshot(now=now),
+            status=self._status(),
+            now=now,
+            interval_s=self.gossip.interval_s,
+            spend=self.budgets.payload(full=full),
+        )
+
+    def heard(self, state: dict[str, Any]) -> None:
+        """A peer's state: hold its ejections here too, fold in its spend."""
+        now = time.monotonic()
+        for endpoint, seconds in self.book.remote_ejections(state, now=now):
+            self.router.observe_remote(endpoint, ejected_for_s=seconds, now=now)
+        spend = state.get("spend")
+        if isinstance(spend, dict):
+            self.budgets.heard(spend)
