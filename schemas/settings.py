@@ -211,6 +211,10 @@ class WorkerSettings(_Strict):
     retry_budget_min_per_s: float = Field(default=10.0, ge=0)
     deadline_margin_ms: int = Field(default=300, ge=0)
     """Time kept back from each deadline to publish the reply."""
+    eject_base_s: float = Field(default=5.0, gt=0, le=3600)
+    """First ejection of a failing endpoint; doubles with each re-ejection (cap 300 s).
+    Short because a half-open probe is one request: a 4 s outage should not cost
+    30 s of the best endpoint (Envoy's default, kept by the routing core)."""
     grace_s: float = Field(default=30.0, ge=0)
     """How long in-flight jobs may finish after SIGTERM before being requeued."""
     http_transport: Literal["aiohttp", "httpx", "httpx-aiohttp"] = "aiohttp"

@@ -8,7 +8,9 @@ a nack are failures, never silence.
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -25,6 +27,7 @@ __all__ = ["Publisher", "connect", "dead_letter_message", "reply_message"]
 
 _RECONNECT_BASE_S = 0.5
 _RECONNECT_CAP_S = 15.0
+_REPUBLISH_PAUSE_S = 0.25
 
 
 class JitteredRobustConnection(RobustConnection):
@@ -75,24 +78,40 @@ class Publisher:
     async def publish(
         self, message: aio_pika.Message, *, exchange: str, routing_key: str, timeout_s: float = 30
     ) -> None:
-        """Publish with ``mandatory``; raises :class:`Unroutable` or :class:`BrokerFailure`."""
-        try:
-            target = (
-                self._channel.default_exchange
-                if exchange == ""
-                else await self._channel.get_exchange(exchange, ensure=False)
-            )
-            await target.publish(
-                message, routing_key=routing_key, mandatory=True, timeout=timeout_s
-            )
-        except aio_pika.exceptions.PublishError:
-            raise Unroutable(f"no queue for {exchange or '(default)'}/{routing_key}") from None
-        except aiormq.exceptions.DeliveryError:
-            raise BrokerFailure(
-                f"broker refused the message for {routing_key} (queue full?)"
-            ) from None
-        except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError) as exc:
-            raise BrokerFailure(f"publish failed: {type(exc).__name__}") from None
+        """Publish with ``mandatory``; raises :class:`Unroutable` or :class:`BrokerFailure`.
+
+        While the connection is down (a broker restart, a reconnect that comes
+        back after the consuming side's) it waits and publishes again, up to
+        ``timeout_s``: the answer is already paid for, and requeueing the job
+        instead would spend its delivery limit in a tight loop.
+        """
+        give_up = time.monotonic() + timeout_s
+        while True:
+            try:
+                target = (
+                    self._channel.default_exchange
+                    if exchange == ""
+                    else await self._channel.get_exchange(exchange, ensure=False)
+                )
+                await target.publish(
+                    message, routing_key=routing_key, mandatory=True, timeout=timeout_s
+                )
+                return
+            except aio_pika.exceptions.PublishError:
+                raise Unroutable(f"no queue for {exchange or '(default)'}/{routing_key}") from None
+            except aiormq.exceptions.DeliveryError:
+                raise BrokerFailure(
+                    f"broker refused the message for {routing_key} (queue full?)"
+                ) from None
+            except (
+                aiormq.exceptions.AMQPError,
+                aiormq.exceptions.ChannelInvalidStateError,
+                ConnectionError,
+                TimeoutError,
+            ) as exc:
+                if time.monotonic() + _REPUBLISH_PAUSE_S > give_up:
+                    raise BrokerFailure(f"publish failed: {type(exc).__name__}") from None
+                await asyncio.sleep(_REPUBLISH_PAUSE_S)
 
     async def close(self) -> None:
         if not self._channel.is_closed:

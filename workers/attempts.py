@@ -245,6 +245,8 @@ class Dispatcher:
                     return r
             if done:
                 continue
+            if hedge_at is not None and self._clock() < hedge_at:
+                continue  # the loop's timer fired a hair early (uvloop): wait again
             hedge_at = None
             first = running[0]
             second = should_hedge(
@@ -262,6 +264,10 @@ class Dispatcher:
             )
             if second is not None:
                 return second
+            # Declined. If only because the delay grew with newer samples, re-arm.
+            later = self.router.hedge_delay(first.choice.endpoint, work=work, model=model)
+            if later is not None and first.started + later > self._clock():
+                hedge_at = first.started + later
 
     async def _attempt(
         self, choice: Choice, job: Job, work: Work, deadline: float

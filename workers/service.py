@@ -93,6 +93,7 @@ class Worker:
             budget_ratio=w.retry_budget_ratio,
             budget_min_per_s=w.retry_budget_min_per_s,
             deadline_margin_s=w.deadline_margin_ms / 1000,
+            eject_base_s=w.eject_base_s,
         )
         self.router = Router(
             [EndpointSpec.from_settings(e) for e in settings.endpoints],
@@ -431,7 +432,11 @@ class Worker:
             )
         try:
             await message.ack()
-        except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
+        except (
+            aiormq.exceptions.AMQPError,
+            aiormq.exceptions.ChannelInvalidStateError,
+            ConnectionError,
+        ) as exc:
             # The channel died after the reply was confirmed: the broker will
             # redeliver the job and the caller may see the reply twice.
             raise BrokerFailure(f"ack lost ({type(exc).__name__})") from None
