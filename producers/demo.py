@@ -95,6 +95,11 @@ def summarise(
     }
 
 
+def _severity(state: str) -> int:
+    order = ("closed", "half_open", "cooldown", "open", "unusable")
+    return order.index(state) if state in order else len(order)
+
+
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
@@ -142,8 +147,14 @@ async def run_demo(
     from producers.client import LlmqClient
     from workers.service import Worker
 
-    worker = Worker(settings, name="demo-worker")
-    await worker.start()
+    # Two workers, so `llmq status` (in another terminal) shows a shared view;
+    # metrics on free ports so a worker run by hand keeps the default one.
+    free = settings.model_copy(update={"metrics": settings.metrics.model_copy(update={"port": 0})})
+    workers = [Worker(free, name=f"demo-worker-{i}") for i in (1, 2)]
+    for worker in workers:
+        await worker.start()
+        if not quiet:
+            print(f"{worker.name}: metrics on http://127.0.0.1:{worker.metrics_port}/metrics")
     run = f"demo-{uuid.uuid4().hex[:8]}-"
     rng = random.Random(7)
     replies: dict[str, dict[str, Any]] = {}
@@ -182,11 +193,14 @@ async def run_demo(
 
                 await asyncio.gather(*(one(i) for i in range(jobs)))
     finally:
-        circuits = {
-            s.name: str(getattr(s, "state", "?"))
-            for s in worker.router.snapshot(now=time.monotonic())
-        }
-        await worker.stop(grace_s=10)
+        circuits: dict[str, str] = {}
+        for worker in workers:
+            for status in worker.router.snapshot(now=time.monotonic()):
+                # The worst state any worker sees ("closed" sorts first).
+                seen = circuits.get(status.name, "closed")
+                circuits[status.name] = max(seen, status.state, key=_severity)
+        for worker in workers:
+            await worker.stop(grace_s=10)
     dead = await _count_dead_letters(settings, run)
     return summarise(jobs, replies, latencies, dead, circuits)
 
@@ -248,7 +262,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
     verdict = (
         "[green]nothing lost[/]" if summary["lost"] == 0 else f"[red]{summary['lost']} LOST[/]"
     )
-    console.print(verdict + " — the dead letters stay in the dead-letter queue (llmq.dead)")
+    console.print(verdict + " — see the dead letters: llmq dlq list --config deploy/demo/llmq.toml")
 
 
 @click.command("demo")
