@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
 JOBS = int(os.environ.get("LLMQ_BURST_JOBS", "50000"))
 RSS_LIMIT_MB = 300
+CONCURRENCY = 256
 
 
 async def test_a_burst_of_50k_jobs_is_buffered_and_all_complete(
@@ -44,7 +45,7 @@ async def test_a_burst_of_50k_jobs_is_buffered_and_all_complete(
         settings = make_settings(fleet)
         queue = f"{names['queue_prefix']}interactive"
         config = write_worker_config(
-            tmp_path / "llmq.toml", amqp_url, names, {"a": fleet.url("a")}, concurrency=256
+            tmp_path / "llmq.toml", amqp_url, names, {"a": fleet.url("a")}, concurrency=CONCURRENCY
         )
         worker = await start_worker_process(config, connection, queue)
         channel = await connection.channel()
@@ -86,5 +87,7 @@ async def test_a_burst_of_50k_jobs_is_buffered_and_all_complete(
     )
     assert lost == 0
     assert errors == 0
-    assert backlog > JOBS // 4  # the queue, not the worker, absorbed the burst
+    # The queue, not the worker, absorbed the burst: far more waited in it than
+    # the worker may hold (its prefetch), however fast this machine drained it.
+    assert backlog > 10 * CONCURRENCY
     assert rss < RSS_LIMIT_MB  # prefetch bounds what the worker holds
