@@ -1,0 +1,374 @@
+"""``python -m bench <name>|all|summary [--quick]``: run llmq's benchmarks.
+
+Names: ceiling, overhead (ceiling and llmq side by side), concurrency, burst,
+routing, gateway, pick, fleet, worker_throughput. ``all`` runs overhead
+(which includes the ceiling, so the ratios come from one invocation),
+concurrency, burst, routing, gateway, pick and fleet, each in its own
+process (a failure or a pinned CPU in one does not affect the next), then
+prints the summary of headline figures against the issue's targets and
+writes bench/results/summary.json. ``summary`` rebuilds that from the
+results already on disk. ``--quick`` is a short smoke run of everything
+(~2 minutes); its results go to ``*_quick`` files next to the real ones.
+
+``make bench`` = ``python -m bench all`` in .venv-bench. The whole suite
+takes under ~15 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.harness import RESULTS, environment, result_path
+
+# name -> (module, extra args for a full run, extra args for --quick)
+BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
+    "ceiling": ("bench.ceiling", [], ["--quick"]),
+    "overhead": ("bench.overhead", [], ["--quick"]),
+    "concurrency": ("bench.concurrency", [], ["--quick"]),
+    "burst": ("bench.burst", [], ["--quick"]),
+    "routing": ("bench.routing", [], ["--quick"]),
+    "gateway": ("bench.gateway_overhead", [], ["--requests", "400", "--rounds", "2"]),
+    "pick": ("bench.pick", [], ["--picks", "5000", "--runs", "3"]),
+    "fleet": ("bench.fleet_ceiling", [], ["--requests", "5000", "--wrk-seconds", "2"]),
+    "worker_throughput": ("bench.worker_throughput", [], ["--jobs", "3000"]),
+}
+ALL = ["overhead", "concurrency", "burst", "routing", "gateway", "pick", "fleet"]
+TIMEOUT_S = {"routing": 900, "burst": 600}
+
+
+def available(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:
+        return False
+
+
+def run_one(name: str, quick: bool, extra: list[str]) -> None:
+    """In this process: the benchmark's main() with its arguments."""
+    module, full, smoke = BENCHMARKS[name]
+    args = (smoke if quick else full) + extra
+    if quick:
+        os.environ["BENCH_RESULT_SUFFIX"] = "_quick"
+        if name == "pick":
+            args += ["--out", str(result_path("pick"))]
+    main: Callable[..., Any] = importlib.import_module(module).main
+    saved = sys.argv
+    sys.argv = [f"python -m {module}", *args]
+    try:
+        if inspect.signature(main).parameters:
+            main(args)
+        else:  # a main() that reads sys.argv itself
+            main()
+    finally:
+        sys.argv = saved
+
+
+def run_all(quick: bool) -> dict[str, Any]:
+    """Each benchmark in its own process; returns {name: status}."""
+    status: dict[str, Any] = {}
+    began = time.monotonic()
+    for name in ALL:
+        module = BENCHMARKS[name][0]
+        if not available(module):
+            print(f"\n=== {name}: skipped ({module} is not there yet)")
+            status[name] = {"status": "skipped", "reason": f"{module} not importable"}
+            continue
+        print(f"\n=== {name} ({module}){' --quick' if quick else ''}", flush=True)
+        cmd = [sys.executable, "-m", "bench", name, *(["--quick"] if quick else [])]
+        t0 = time.monotonic()
+        with _keep_committed("fleet_ceiling", quick and name == "fleet"):
+            rc = _run_bounded(cmd, TIMEOUT_S.get(name, 480))
+        seconds = round(time.monotonic() - t0, 1)
+        status[name] = {"status": "ok" if rc == 0 else f"failed ({rc})", "seconds": seconds}
+        print(f"=== {name}: {status[name]['status']} in {seconds:.0f} s", flush=True)
+    status["_total_s"] = round(time.monotonic() - began, 1)
+    return status
+
+
+def _run_bounded(cmd: list[str], timeout_s: float) -> int | str:
+    """Run a benchmark in its own process group; past ``timeout_s`` stop the whole
+    group (its workers, fleet and echo processes too), SIGTERM first."""
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _stop_group(proc)
+        return "timeout"
+    except KeyboardInterrupt:  # its own session: Ctrl-C does not reach it by itself
+        _stop_group(proc)
+        raise
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+            return
+
+
+@contextlib.contextmanager
+def _keep_committed(name: str, active: bool) -> Any:
+    """fleet_ceiling writes a fixed path: in --quick, move its output to *_quick
+    and put the committed file back."""
+    path = RESULTS / f"{name}.json"
+    backup = RESULTS / f".{name}.json.bak"
+    if active and path.exists():
+        shutil.copy2(path, backup)
+    try:
+        yield
+    finally:
+        if active:
+            if path.exists():
+                shutil.move(path, RESULTS / f"{name}_quick.json")
+            if backup.exists():
+                shutil.move(backup, path)
+
+
+# ---------------------------------------------------------------------------
+# The summary: headline figures and the issue's targets, from the result files.
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = result_path(name)
+    if not path.exists():
+        return None
+    with contextlib.suppress(ValueError):
+        data: dict[str, Any] = json.loads(path.read_text())
+        return data
+    return None
+
+
+def _row(
+    bench: str,
+    figure: str,
+    value: str,
+    target: str = "",
+    met: bool | None = None,
+    by: str = "",
+) -> dict[str, Any]:
+    return {
+        "benchmark": bench,
+        "figure": figure,
+        "value": value,
+        "target": target,
+        "met": met,
+        "by": by,
+    }
+
+
+def summary_rows() -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    o = _load("overhead")
+    if o:
+        s = o["systems"]
+        for name in ("echo", "http-echo", "llmq-1w", "llmq-2w"):
+            if name in s:
+                rows.append(
+                    _row(
+                        "ceiling" if s[name]["kind"] == "ceiling" else "overhead",
+                        f"{name} max jobs/s",
+                        f"{s[name]['max_jobs_per_s']:.0f}",
+                    )
+                )
+        for t in o.get("targets", []):
+            rows.append(_row("overhead", t["target"], t["value"], "", t["met"], t["by"]))
+        c = o.get("comparison", {}).get("llmq-1w", {}).get("http-echo")
+        if c:
+            rows.append(
+                _row(
+                    "overhead",
+                    "worker CPU s/1000 jobs, llmq-1w vs http-echo",
+                    f"{s['llmq-1w']['worker_cpu_s_per_1000_jobs']:.3f} vs"
+                    f" {s['http-echo']['worker_cpu_s_per_1000_jobs']:.3f} ({c['cpu_ratio']:.2f}x)",
+                )
+            )
+            rows.append(
+                _row(
+                    "overhead",
+                    "llmq-1w worker peak RSS",
+                    f"{s['llmq-1w']['worker_peak_rss_mb'][0]:.0f} MB",
+                )
+            )
+    elif (c := _load("ceiling")) is not None:
+        for name, x in c["systems"].items():
+            rows.append(_row("ceiling", f"{name} max jobs/s", f"{x['max_jobs_per_s']:.0f}"))
+    k = _load("concurrency")
+    if k:
+        rows.append(
+            _row(
+                "concurrency",
+                f"jobs/s, {k['in_flight_target']} in flight at {k['endpoint_latency_ms']} ms",
+                f"{k['jobs_per_s']:.0f} ({k['throughput_of_ideal']:.0%} of {k['ideal_jobs_per_s']:.0f})",
+            )
+        )
+        rss = k["worker_peak_rss_mb"]
+        rows.append(
+            _row(
+                "concurrency",
+                "worker peak RSS",
+                f"{rss:.0f} MB",
+                f"< {k['target_rss_mb']:.0f} MB",
+                rss < k["target_rss_mb"],
+                f"{k['target_rss_mb'] - rss:+.0f} MB",
+            )
+        )
+        rows.append(_row("concurrency", "event-loop lag p99", f"{k['loop_lag_ms']['p99']} ms"))
+        rows.append(
+            _row(
+                "concurrency",
+                "added over the endpoint p50 / p99",
+                f"{k['added_p50_ms']:+.0f} / {k['added_p99_ms']:+.0f} ms",
+            )
+        )
+        e = k.get("echo_reference")
+        if e:
+            rows.append(
+                _row(
+                    "concurrency",
+                    "http-echo at the same load (for scale)",
+                    f"{e['jobs_per_s']:.0f} jobs/s, added p50 / p99 {e['added_p50_ms']:+.0f} / {e['added_p99_ms']:+.0f} ms",
+                )
+            )
+    b = _load("burst")
+    if b:
+        rows.append(
+            _row(
+                "burst", f"publish {b['jobs']:,} with confirms", f"{b['publish_per_s']:,.0f} jobs/s"
+            )
+        )
+        rows.append(
+            _row(
+                "burst",
+                f"drain with {b['workers']} worker(s)",
+                f"{b['drain_s']:.0f} s ({b['drain_per_s']:,.0f} jobs/s)",
+            )
+        )
+        rows.append(_row("burst", "peak worker RSS", f"{max(b['worker_peak_rss_mb']):.0f} MB"))
+        rows.append(_row("burst", "lost", str(b["lost"]), "0", b["lost"] == 0, ""))
+    r = _load("routing")
+    if r:
+        for scenario, data in r.get("scenarios", {}).items():
+            for key, t in (data.get("targets") or {}).items():
+                if not isinstance(t, dict) or "met" not in t:
+                    continue
+                detail = ", ".join(f"{a}={v}" for a, v in t.items() if a != "met")
+                if len(detail) > 58:
+                    detail = detail[:55] + "..."
+                # "info_*" entries are context, not targets.
+                met = None if key.startswith("info") else bool(t["met"])
+                rows.append(_row("routing", f"{scenario}: {key}", detail, key, met))
+    g = _load("gateway_overhead")
+    if g:
+        a = g["gateway_added"]
+        rows.append(
+            _row(
+                "gateway",
+                "added over LlmqClient p50 / p99",
+                f"{a['p50_ms']:+.2f} / {a['p99_ms']:+.2f} ms",
+            )
+        )
+    p = _load("pick")
+    if p:
+        pol = p.get("policies", {})
+        if pol:
+            first = next(iter(pol))
+            rows.append(
+                _row(
+                    "pick",
+                    f"{first} pick / full cycle",
+                    f"{pol[first]['pick_us']:.1f} / {pol[first]['cycle_us']:.1f} µs",
+                )
+            )
+    f = _load("fleet_ceiling")
+    if f:
+        srv = f.get("results", {}).get("server", {})
+        best = (srv.get("wrk") or srv.get("python_client") or {}).get("rps")
+        if best:
+            rows.append(_row("fleet", "fake endpoint ceiling (one core)", f"{best:,.0f} req/s"))
+    return rows
+
+
+def print_summary(rows: list[dict[str, Any]]) -> None:
+    print("\nSummary" + (" (quick run)" if os.environ.get("BENCH_RESULT_SUFFIX") else ""))
+    w = max((len(r["figure"]) for r in rows), default=20) + 2
+    v = max((len(r["value"]) for r in rows), default=20) + 2
+    print(f"{'benchmark':<13}{'figure':<{w}}{'value':<{v}}status")
+    for r in rows:
+        status = "" if r["met"] is None else ("met" if r["met"] else "MISSED")
+        if r["by"]:
+            status += f" ({r['by']})"
+        print(f"{r['benchmark']:<13}{r['figure']:<{w}}{r['value']:<{v}}{status}")
+
+
+def write_summary(status: dict[str, Any] | None) -> Path:
+    rows = summary_rows()
+    print_summary(rows)
+    path = result_path("summary")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    targets = [r for r in rows if r["met"] is not None]
+    path.write_text(
+        json.dumps(
+            {
+                "benchmark": "summary",
+                "environment": environment(),
+                "runs": status,
+                "targets_met": sum(bool(r["met"]) for r in targets),
+                "targets_total": len(targets),
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print("saved", path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    quick = "--quick" in args
+    if quick:
+        args.remove("--quick")
+        os.environ["BENCH_RESULT_SUFFIX"] = "_quick"
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if args else 2
+    name, extra = args[0], args[1:]
+    if name == "all":
+        status = run_all(quick)
+        write_summary(status)
+        failed = [
+            k for k, v in status.items() if isinstance(v, dict) and v["status"].startswith("failed")
+        ]
+        return 1 if failed else 0
+    if name == "summary":
+        write_summary(None)
+        return 0
+    if name not in BENCHMARKS:
+        print(f"unknown benchmark {name!r}; one of: {', '.join(BENCHMARKS)}, all, summary")
+        return 2
+    module = BENCHMARKS[name][0]
+    if not available(module):
+        print(f"{name}: skipped ({module} is not there yet)")
+        return 0
+    run_one(name, quick, extra)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
