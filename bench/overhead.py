@@ -51,6 +51,7 @@ from bench.ceiling import (
 )
 from bench.harness import (
     MODEL,
+    REPO,
     SCENARIOS,
     WORK_QUEUE,
     Producer,
@@ -256,7 +257,8 @@ def profile(seconds: float, window: int, keep: Path | None = None) -> dict[str, 
                             k: round(v / total, 3)
                             for k, v in list(data["inclusive_s_top_functions"].items())[:60]
                         }
-                        text = prof_out.with_suffix(".txt").read_text()
+                        # Relative paths: results are committed, machine paths are not.
+                        text = prof_out.with_suffix(".txt").read_text().replace(f"{REPO}/", "")
                         result_path("overhead_profile", "txt").write_text(text)
                     elif tool == "cprofile":
                         entry.update(_cprofile_summary(prof_out, jobs))
