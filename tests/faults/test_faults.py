@@ -292,7 +292,10 @@ async def test_no_delivery_is_held_past_its_deadline(
             await settle(ledger, timeout=30)
             finished = time.time()
     ledger.check()
-    assert {rs[0]["error"]["code"] for rs in ledger.replies.values()} == {"deadline_exceeded"}
+    # Jobs that got an attempt time out with the deadline; those that waited for a
+    # slot (each hanging endpoint takes one probe) end over_capacity at the deadline.
+    codes = {rs[0]["error"]["code"] for rs in ledger.replies.values()}
+    assert codes <= {"deadline_exceeded", "over_capacity"}
     # Published within ~1 s, deadlines 1.5 s later: all answered well before a minute.
     assert finished - started < 1.5 + 3.0
 
