@@ -23,6 +23,7 @@ from typing import Any
 import click
 import orjson
 
+from producers.stats import nearest_rank
 from schemas.settings import ConfigError, Settings, load_settings
 
 __all__ = ["demo_command", "run_demo", "summarise"]
@@ -37,13 +38,6 @@ _PROMPTS = (
     "List three ways to make retries safe.",
     "Translate 'the queue absorbs the burst' into French.",
 )
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
 def summarise(
@@ -70,8 +64,8 @@ def summarise(
         endpoints[name] = {
             "share": round(len(good) / max(1, len(ok)), 4),
             "jobs": len(good),
-            "p50_ms": _round(_percentile(lat, 0.5)),
-            "p99_ms": _round(_percentile(lat, 0.99)),
+            "p50_ms": _round(nearest_rank(lat, 0.5)),
+            "p99_ms": _round(nearest_rank(lat, 0.99)),
             "errors": len(served) - len(good),
             "circuit": circuits.get(name, "?"),
         }
@@ -89,8 +83,8 @@ def summarise(
             / max(1, len(replies)),
             3,
         ),
-        "p50_ms": _round(_percentile(all_lat, 0.5)),
-        "p99_ms": _round(_percentile(all_lat, 0.99)),
+        "p50_ms": _round(nearest_rank(all_lat, 0.5)),
+        "p99_ms": _round(nearest_rank(all_lat, 0.99)),
         "endpoints": endpoints,
     }
 

@@ -34,6 +34,7 @@ import click
 import orjson
 
 from producers.errors import Backpressure, DeadlineExceeded, PublishFailed, Unroutable
+from producers.stats import nearest_rank
 from schemas.contract import SCHEMA_VERSION, SlaClass
 from schemas.settings import ConfigError, Settings, load_settings
 
@@ -78,10 +79,7 @@ class SubmitSummary:
     elapsed_s: float = 0.0
 
     def percentile(self, q: float) -> float | None:
-        if not self.latencies_ms:
-            return None
-        ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+        return nearest_rank(self.latencies_ms, q)
 
     def as_dict(self) -> dict[str, Any]:
         return {
