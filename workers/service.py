@@ -206,6 +206,9 @@ class Worker:
         log.info("worker %s stopped: %r", self.name, self)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        # A task of our own, not the consumer's (aiormq cancels that one when
+        # the consuming channel closes): a job in flight outlives a lost
+        # connection, so its redelivery joins it instead of paying the upstream twice.
         task = asyncio.create_task(self._process(message))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -407,9 +410,8 @@ class Worker:
                 outcome.reply,
                 correlation_id=message.correlation_id or message.message_id,
                 job_id=outcome.job_id,
+                traceparent=None if job is None else job.traceparent,
             )
-            if job is not None and job.traceparent is not None:
-                reply.headers["traceparent"] = job.traceparent  # W3C: the trace goes on
             try:
                 await self._publisher.publish(
                     reply,
