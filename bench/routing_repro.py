@@ -13,9 +13,10 @@ good: the job waits for the attempt timeout (1 s) and retries.
 
 ``level``: a discrete-event simulation of the pure routing core (no broker, no
 HTTP, no hedging, virtual clock) on bench/scenarios/routing_steady.toml and
-routing_spike.toml, 12 s at 50 jobs/s, three seeds: the shipped estimator
-against a what-if (monkeypatched here, not shipped) where the level is a
-per-sample EWMA (alpha 0.1) and a warm endpoint's level does not decay while idle.
+routing_spike.toml, 12 s at 50 jobs/s, three seeds: the level as first shipped
+(Finagle's Peak-EWMA, idle decay toward 0; ``FINAGLE``, expressed as a
+RoutingConfig) against the shipped defaults (partial rise, per-sample floor on
+the fall, idle reversion toward 1).
 """
 
 from __future__ import annotations
@@ -42,8 +43,6 @@ from workers.routing import (
     Router,
     RoutingConfig,
     Work,
-    endpoint,
-    estimator,
 )
 from workers.upstream import Target, UpstreamReply
 
@@ -103,26 +102,17 @@ async def _hedges(trials: int) -> str:
 
 # --- the latency level ------------------------------------------------------------------
 
-
-def _ewma_observe(alpha: float) -> Any:
-    def observe(self: Any, latency: float, tokens: float, now: float) -> None:
-        y, n = max(latency, 1e-9), max(tokens, 0.0)
-        ratio = 1.0 if self.samples == 0 else y / max(self.shape(n), 1e-9)
-        self.level = 1.0 if self.samples == 0 else self.level + alpha * (ratio - self.level)
-        self.stamp = max(self.stamp, now)
-        self._ratios[self._slot] = ratio
-        self._slot = (self._slot + 1) % len(self._ratios)
-        self.samples += 1
-        self._fit(n, y)
-
-    return observe
+FINAGLE = RoutingConfig(level_rise=1.0, level_alpha=1e-9, revert_s=1e9, explore_s=10.0)
+"""The level as first shipped: Finagle's Peak-EWMA, idle decay toward 0 with τ = 10 s."""
 
 
-def simulate(name: str, seed: int, rate: float = 50.0, span: float = 12.0) -> str:
+def simulate(
+    name: str, seed: int, config: RoutingConfig, rate: float = 50.0, span: float = 12.0
+) -> str:
     scenario = load_scenario(SCENARIOS / f"routing_{name}.toml")
     eps = {e.name: e for e in scenario.endpoints}
     rng = random.Random(seed)
-    router = Router([EndpointSpec(n, {"m": "m"}, 64) for n in eps], {}, rand=rng.random)
+    router = Router([EndpointSpec(n, {"m": "m"}, 64) for n in eps], {}, config, rand=rng.random)
     pending: list[tuple[float, int, Any, int]] = []
     latencies: list[float] = []
     share = dict.fromkeys(eps, 0)
@@ -156,22 +146,10 @@ def simulate(name: str, seed: int, rate: float = 50.0, span: float = 12.0) -> st
 
 
 def _levels() -> None:
-    shipped_observe = estimator.LatencyEstimator.observe
-    shipped_refresh = endpoint.EndpointState._refresh
-
-    def refresh_no_idle_decay(self: Any, now: float) -> None:
-        shipped_refresh(self, now)
-        self._w_level = 1.0
-
     for name in ("steady", "spike"):
-        for what_if in (False, True):
-            estimator.LatencyEstimator.observe = _ewma_observe(0.1) if what_if else shipped_observe  # type: ignore[method-assign]
-            endpoint.EndpointState._refresh = refresh_no_idle_decay if what_if else shipped_refresh  # type: ignore[method-assign]
-            label = "what-if" if what_if else "shipped"
+        for label, config in (("finagle", FINAGLE), ("shipped", RoutingConfig())):
             for seed in (1, 2, 3):
-                print(f"{name:7} {label:8} seed {seed}: {simulate(name, seed)}")
-    estimator.LatencyEstimator.observe = shipped_observe  # type: ignore[method-assign]
-    endpoint.EndpointState._refresh = shipped_refresh  # type: ignore[method-assign]
+                print(f"{name:7} {label:8} seed {seed}: {simulate(name, seed, config)}")
 
 
 def main(argv: list[str] | None = None) -> None:

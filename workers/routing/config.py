@@ -84,9 +84,19 @@ class RoutingConfig:
 
     # --- latency estimate -------------------------------------------------
     tau_s: float = 10.0
-    """Peak-EWMA decay time of the latency level (Finagle/Linkerd: 10 s)."""
+    """Time weight of a faster sample when samples are sparse (Finagle/Linkerd: 10 s)."""
+    level_alpha: float = 0.1
+    """Least weight of a faster sample: the level forgets a slow spell in ~10 samples."""
+    level_rise: float = 0.5
+    """Share of a slower sample's excess adopted at once (Finagle's Peak-EWMA: all of it)."""
+    revert_s: float = 1.0
+    """An idle endpoint's level reverts toward its usual self (1.0) with this time constant."""
+    explore_s: float = 60.0
+    """...and fades toward 0 with this one, so slower endpoints get a probe now and then."""
     fit_window: int = 64
     """Samples behind the base/per-token fit; the shape of latency changes slowly."""
+    fit_clip: float = 3.0
+    """A sample enters the fit at most at this multiple of the shape (spikes are the level's)."""
     ridge_tokens: float = 16.0
     """Below this spread of output lengths the per-token slope follows the prior."""
     prior_base_s: float = 0.5
@@ -119,13 +129,15 @@ class RoutingConfig:
     """Envoy RateLimitedRetryBackOff discards above 300 s; we cap."""
     cooldown_jitter: float = 0.5
     """Cooldown = Retry-After × U[1, 1 + jitter] (Envoy: random(interval, 1.5·interval))."""
+    cooldown_after: int = 2
+    """Isolated 429s in a row (nothing else in flight, no success between) before a cooldown."""
     cooldown_default_s: float = 1.0
-    """A 429 without Retry-After; doubles per consecutive 429 up to the cap below."""
+    """A cooldown without Retry-After; doubles per further 429 up to the cap below."""
     cooldown_default_cap_s: float = 30.0
     auth_unusable_s: float = 900.0
     """How long a 401/403/404 keeps an endpoint out for that model (or until restart)."""
-    aimd_backoff: float = 0.9
-    """Learned capacity × this on a 429 (Netflix concurrency-limits AIMD)."""
+    aimd_backoff: float = 0.5
+    """Least share of the learned concurrency kept on one 429 (TCP halves)."""
     # --- retries, backoff, budget --------------------------------------------
     max_attempts: int = 3
     budget_ratio: float = 0.2
@@ -155,11 +167,28 @@ class RoutingConfig:
             value = getattr(self, f.name)
             if isinstance(value, int | float) and value < 0:
                 raise ValueError(f"RoutingConfig.{f.name} must be >= 0, got {value}")
-        for name in ("tau_s", "failure_tau_s", "fit_window", "latency_window"):
+        for name in (
+            "tau_s",
+            "failure_tau_s",
+            "fit_window",
+            "latency_window",
+            "revert_s",
+            "explore_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"RoutingConfig.{name} must be > 0")
-        for name in ("hedge_quantile", "timeout_quantile", "max_eject_fraction", "aimd_backoff"):
+        for name in (
+            "hedge_quantile",
+            "timeout_quantile",
+            "max_eject_fraction",
+            "aimd_backoff",
+            "level_alpha",
+            "level_rise",
+        ):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"RoutingConfig.{name} must be in (0, 1]")
-        if self.max_attempts < 1 or self.eject_after < 1 or self.failure_cost_window < 1:
+        if (
+            min(self.max_attempts, self.eject_after, self.failure_cost_window, self.cooldown_after)
+            < 1
+        ):
             raise ValueError("RoutingConfig: max_attempts, eject_after, windows must be >= 1")

@@ -14,10 +14,15 @@ Cost of sending a job of ``n`` output tokens (all in seconds)::
 * Load is a distance to capacity, not a queue: LLM servers run requests in
   parallel, so ``(in_flight + 1)`` (Finagle/Linkerd) would spread traffic onto
   slow endpoints. ``capacity`` is ``max_concurrency``, lowered by 429s (AIMD).
-* Idle decay: while nothing is in flight, the level and the failure rate fade
-  toward 0 (Finagle's "observe 0"), so an avoided endpoint wins a pick again.
-  As soon as that probe is in flight the undecayed values apply again, so a
-  recovering endpoint gets one probe, not a herd.
+* Idle reading: while nothing is in flight, the level reverts toward the
+  endpoint's usual self (1.0, time constant ``revert_s``: with no news, a
+  slow spell is assumed over within seconds) and fades slowly toward 0
+  (``explore_s``, Finagle's "observe 0"), so an endpoint avoided after a
+  spike is tried again soon and an endpoint that is merely slower gets a
+  probe now and then; the failure term fades toward 0 too. As soon as that
+  probe is in flight the stored values apply again, so a recovering endpoint
+  gets one probe, not a herd; a probe abandoned as too slow raises the level
+  by what it showed (``LatencyEstimator.censor``).
 * Cold (no sample yet): its cost is only its failure term (≈ 0), so it is tried
   first (Finagle, Linkerd), but while that probe is in flight it is skipped
   (``Skip.COLD_PROBE``, a capacity reason: jobs wait for a slot rather than
@@ -26,6 +31,8 @@ Cost of sending a job of ``n`` output tokens (all in seconds)::
 """
 
 from __future__ import annotations
+
+from math import exp
 
 from workers.routing.config import EndpointSpec, RoutingConfig
 from workers.routing.estimator import LatencyEstimator
@@ -45,8 +52,8 @@ class EndpointState:
         "_fail_busy",
         "_fail_idle",
         "_gran",
+        "_idle_level",
         "_read_at",
-        "_w_level",
         "attempts",
         "cancelled",
         "capacity",
@@ -79,16 +86,16 @@ class EndpointState:
         self.rpm = None if spec.rpm is None else TokenBucket(spec.rpm)
         self.tpm = None if spec.tpm is None else TokenBucket(spec.tpm)
         self.in_flight = 0
-        # attempt id -> (started, predicted output tokens); insertion order is
-        # start order, so the first entry is the oldest pending request.
-        self.pending: dict[int, tuple[float, float]] = {}
+        # attempt id -> (started, predicted output tokens, started while idle);
+        # insertion order is start order: the first entry is the oldest pending.
+        self.pending: dict[int, tuple[float, float, bool]] = {}
         self.cooldown = Cooldown(config)
         self.unusable = Unusable()
         self.predicted_s = 0.0
         self.attempts = self.successes = self.failed = self.rate_limited = self.cancelled = 0
         self._gran = config.decay_granularity_s
         self._read_at = float("-inf")
-        self._w_level = 1.0
+        self._idle_level = 1.0
         self._fail_busy = self._fail_idle = 0.0
 
     def __repr__(self) -> str:
@@ -156,9 +163,9 @@ class EndpointState:
         lat = self.latency
         busy = self.in_flight
         if lat.samples:
-            level = lat.level if busy else lat.level * self._w_level
+            level = lat.level if busy else self._idle_level
             if busy:
-                started, old_tokens = next(iter(self.pending.values()))
+                started, old_tokens, _ = next(iter(self.pending.values()))
                 floor = (now - started) / max(lat.base_s + lat.per_token_s * old_tokens, _TINY)
                 if floor > level:
                     level = floor
@@ -181,7 +188,9 @@ class EndpointState:
     def _refresh(self, now: float) -> None:
         # One exp() per endpoint per decay_granularity_s instead of per pick.
         self._read_at = now
-        self._w_level = self.latency.decay(now)
+        lat = self.latency
+        idle = now - lat.stamp if now > lat.stamp else 0.0
+        self._idle_level = lat.reverted(now) * exp(-idle / self.config.explore_s)
         f = self.failures
         self._fail_busy = f.rate * f.cost_s
         self._fail_idle = self._fail_busy * f.decay(now)
@@ -226,7 +235,7 @@ class EndpointState:
 
     def begin(self, attempt_id: int, now: float, tokens: float, reserve: float) -> bool:
         """An attempt starts; returns True when it is the half-open probe."""
-        self.pending[attempt_id] = (now, tokens)
+        self.pending[attempt_id] = (now, tokens, not self.in_flight)
         self.in_flight += 1
         self.attempts += 1
         if self.rpm is not None:
@@ -235,12 +244,13 @@ class EndpointState:
             self.tpm.take(reserve, now)
         return self.circuit.on_begin(now)
 
-    def _finish(self, attempt_id: int) -> bool:
-        if self.pending.pop(attempt_id, None) is None:
-            return False  # already finished: a hedge race or a double call
+    def _finish(self, attempt_id: int) -> tuple[float, float, bool] | None:
+        entry = self.pending.pop(attempt_id, None)
+        if entry is None:
+            return None  # already finished: a hedge race or a double call
         self.in_flight -= 1
         self._read_at = float("-inf")
-        return True
+        return entry
 
     def succeed(
         self,
@@ -254,11 +264,13 @@ class EndpointState:
     ) -> bool:
         """Record a success; False when the attempt had already finished."""
         busy = self.in_flight
-        if not self._finish(attempt_id):
+        entry = self._finish(attempt_id)
+        if entry is None:
             return False
         self.successes += 1
         self.cooldown.streak = 0  # the 429 doubling starts over
-        self.latency.observe(now - started, tokens, now)
+        began, predicted, idle = entry
+        self.latency.observe(now - started, tokens, now, predicted, began if idle else None)
         self.failures.observe(now, failed=False)
         if self.circuit.on_success(now, probe):
             self.failures.reset()
@@ -280,7 +292,8 @@ class EndpointState:
         retry_after_s: float | None,
         reserved: float,
     ) -> None:
-        if not self._finish(attempt_id):
+        busy = self.in_flight
+        if self._finish(attempt_id) is None:
             return
         if kind.endpoint_failure:
             self.failed += 1
@@ -297,12 +310,17 @@ class EndpointState:
         self.circuit.on_cancel(probe)  # the probe did not test health
         if kind is FailureKind.RATE_LIMITED:
             self.rate_limited += 1
-            self.capacity.on_rate_limited()
-            self.cooldown.rate_limited(now, retry_after_s, jitter)
+            if busy > 1:  # refused beside others: a concurrency limit (AimdLimit)
+                self.capacity.on_rate_limited(busy)
+            else:
+                self.cooldown.rate_limited(now, retry_after_s, jitter)
         elif kind.marks_unusable:
             self.unusable.mark(model, now + self.config.auth_unusable_s)
 
-    def cancel(self, attempt_id: int, *, probe: bool) -> None:
-        if self._finish(attempt_id):
+    def cancel(self, attempt_id: int, now: float, *, probe: bool) -> None:
+        entry = self._finish(attempt_id)
+        if entry is not None:
             self.cancelled += 1
             self.circuit.on_cancel(probe)
+            started, tokens, idle = entry
+            self.latency.censor(now - started, tokens, now, started if idle else None)

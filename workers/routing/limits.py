@@ -58,11 +58,18 @@ class TokenBucket:
 
 
 class AimdLimit:
-    """Concurrency the endpoint tolerates, learned from 429s (Netflix AIMD).
+    """Concurrency the endpoint tolerates, learned from 429s.
 
-    Starts at the configured ``max_concurrency`` and never exceeds it; a 429
-    cuts it to ``max(1, min(limit − 1, backoff · limit))``; a success while at
-    least half the limit is in use adds one back.
+    Starts at the configured ``max_concurrency`` and never exceeds it. A 429
+    that arrives while ``k ≥ 2`` requests were in flight says the endpoint
+    took ``k − 1`` and refused the ``k``-th, if the 429 was about concurrency:
+    the limit drops toward ``k − 1``, but by at most a factor ``backoff`` per
+    429 (TCP: halve), since a 429 can be a random shed as well; always by at
+    least 1, never below 1. A real limit is found in a few 429s instead of
+    the dozens a ×0.9 cut takes, and random 429s do not pin the limit to the
+    in-flight count. Growth is additive per window (TCP Reno: ``+1/limit`` per
+    success while at least half the limit is in use), so probing above a
+    learned limit costs about one 429 per ``limit`` successes.
     """
 
     __slots__ = ("_backoff", "ceiling", "limit", "value")
@@ -77,29 +84,37 @@ class AimdLimit:
     def __repr__(self) -> str:
         return f"<AimdLimit {self.value}/{self.ceiling}>"
 
-    def on_rate_limited(self) -> None:
-        self.limit = max(1.0, min(self.limit - 1.0, self.limit * self._backoff))
+    def on_rate_limited(self, in_flight: int) -> None:
+        """A 429 with ``in_flight`` requests out, this one included."""
+        cut = max(float(in_flight - 1), self.limit * self._backoff)
+        self.limit = max(1.0, min(self.limit - 1.0, cut))
         self.value = max(1, int(self.limit))
 
     def on_success(self, in_flight: int) -> None:
-        if in_flight * 2 >= self.limit:
-            self.limit = min(float(self.ceiling), self.limit + 1.0)
+        if in_flight * 2 >= self.limit and self.limit < self.ceiling:
+            self.limit = min(float(self.ceiling), self.limit + 1.0 / self.limit)
             self.value = max(1, int(self.limit))
 
 
 class Cooldown:
-    """Time out after a 429 (or a 503 that says when to come back).
+    """Time out after repeated 429s (or a 503 that says when to come back).
 
-    ``Retry-After`` is honoured up to ``retry_after_cap_s`` and stretched by
-    ×U[1, 1 + cooldown_jitter] (Envoy: ×U[1, 1.5]) so that workers told the
-    same value do not come back together. Without a value, the wait starts at
-    ``cooldown_default_s`` and doubles per consecutive 429, up to
-    ``cooldown_default_cap_s``; a success resets the doubling.
+    Only 429s that arrive with nothing else in flight count here (the others
+    lower :class:`AimdLimit`), and only from the ``cooldown_after``-th in a row
+    without a success between: a lone 429 is as often load shedding as a rate
+    limit, and costs one fast round trip, while cooling the endpoint down
+    costs every job its latency for a second or more. ``Retry-After`` is
+    honoured up to ``retry_after_cap_s`` and stretched by ×U[1, 1 + cooldown_jitter]
+    (Envoy: ×U[1, 1.5]) so that workers told the same value do not come back
+    together. Without a value, the wait starts at ``cooldown_default_s`` and
+    doubles per further 429, up to ``cooldown_default_cap_s``; a success resets
+    the streak.
     """
 
-    __slots__ = ("_cap", "_default", "_default_cap", "_jitter", "streak", "until")
+    __slots__ = ("_after", "_cap", "_default", "_default_cap", "_jitter", "streak", "until")
 
     def __init__(self, config: RoutingConfig) -> None:
+        self._after = config.cooldown_after
         self._cap = config.retry_after_cap_s
         self._jitter = config.cooldown_jitter
         self._default = config.cooldown_default_s
@@ -111,9 +126,13 @@ class Cooldown:
         return f"<Cooldown until={self.until:.3f} streak={self.streak}>"
 
     def rate_limited(self, now: float, retry_after_s: float | None, jitter: float) -> None:
-        if retry_after_s is None:
-            retry_after_s = min(self._default * 2.0 ** min(self.streak, 60), self._default_cap)
+        """A 429 with nothing else in flight."""
         self.streak += 1
+        if self.streak < self._after:
+            return
+        if retry_after_s is None:
+            doublings = min(self.streak - self._after, 60)
+            retry_after_s = min(self._default * 2.0**doublings, self._default_cap)
         self.hold(now, retry_after_s, jitter)
 
     def hold(self, now: float, retry_after_s: float, jitter: float) -> None:

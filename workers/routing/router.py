@@ -256,7 +256,7 @@ class Router:
 
     def cancel(self, attempt: Attempt, *, now: float) -> None:
         """The attempt was abandoned (hedge loser, shutdown): no sample either way."""
-        self._state(attempt.endpoint).cancel(attempt.id, probe=attempt.probe)
+        self._state(attempt.endpoint).cancel(attempt.id, now, probe=attempt.probe)
 
     # --- timing --------------------------------------------------------------------
 

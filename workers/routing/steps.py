@@ -13,7 +13,9 @@ deadline − margin already reached          GiveUp(deadline_exceeded)
 an untried endpoint usable now             TryNow(it), if the retry budget allows
                                            and its predicted time fits the deadline
 only tried endpoints usable now            Wait(full-jitter backoff); after a wait
-                                           (``progress.waits`` > 0) TryNow(it)
+                                           (``progress.waits`` > 0) TryNow(it), not
+                                           before ``progress.not_before`` (the
+                                           Retry-After of this job's last 429)
 nothing usable; usable again at retry_at   Wait(until retry_at, spread a little)
 nothing usable, no known time              Wait(full-jitter backoff)
 a retry can't fit before the deadline      GiveUp(over_capacity / no_healthy_endpoint,
@@ -54,6 +56,8 @@ class Progress:
     hedged: bool = False
     waits: int = 0
     """Waits since the job started (each doubles the next backoff's ceiling)."""
+    not_before: float = float("-inf")
+    """A tried endpoint said (Retry-After) not to send this job again before then."""
 
     def attempted(self, endpoint: str) -> Progress:
         """The progress after starting an attempt at ``endpoint``."""
@@ -62,6 +66,15 @@ class Progress:
     def waited(self) -> Progress:
         """The progress after carrying out a ``Wait``."""
         return replace(self, waits=self.waits + 1)
+
+    def told_to_wait(self, until: float) -> Progress:
+        """An attempt was answered with a Retry-After ending at ``until``.
+
+        Honoured per job: this job goes to another endpoint at once, and back
+        to a tried one only after ``until``; whether the *endpoint* cools down
+        for everyone is the router's decision (``Cooldown``, ``AimdLimit``).
+        """
+        return replace(self, not_before=max(self.not_before, until))
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +140,7 @@ def next_step(
         if picked.code is ErrorCode.UNKNOWN_MODEL:
             return GiveUp(picked.code, picked.reason)
         anywhere = router.pick(model, work=work, now=now, rand=rand)
-        if isinstance(anywhere, Choice) and progress.waits:
+        if isinstance(anywhere, Choice) and progress.waits and now >= progress.not_before:
             picked = anywhere  # backed off already: a tried endpoint will do
         else:
             return _wait(progress, anywhere, kind, now=now, left=left, rand=rand, router=router)
@@ -166,6 +179,10 @@ def _wait(
             # A busy slot or a cold probe can free on a completion: look again
             # after a backoff, not only at retry_at.
             delay = min(delay, backed_off)
+    elif isinstance(anywhere, Choice) and now < progress.not_before:
+        # Only tried endpoints, and this job was told to stay away until not_before:
+        # look for an untried one again after a backoff, at the latest by then.
+        delay = min(backed_off, progress.not_before - now)
     else:
         delay = backed_off
     if delay >= left:

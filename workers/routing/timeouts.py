@@ -44,8 +44,8 @@ def attempt_timeout(
 
 
 def hedge_delay(latency: LatencyEstimator, config: RoutingConfig, *, tokens: float) -> float | None:
-    """The p95 latency for ``tokens`` output tokens (Dean & Barroso); None with little history."""
-    ratio = latency.quantile(config.hedge_quantile)
+    """p95 latency for a job predicted to write ``tokens`` (Dean & Barroso); None if unsure."""
+    ratio = latency.surprise(config.hedge_quantile)
     if latency.samples < config.hedge_min_samples or ratio is None:
         return None
     return ratio * latency.shape(tokens)

@@ -1,4 +1,4 @@
-"""LatencyEstimator: the work-normalised shape and the Peak-EWMA level."""
+"""LatencyEstimator: the work-normalised shape, the peak-biased level, the percentile windows."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from workers.routing import RoutingConfig
-from workers.routing.estimator import LatencyEstimator
+from workers.routing.estimator import LatencyEstimator, _Window
 
 CFG = RoutingConfig()
 
@@ -33,33 +33,64 @@ def test_first_sample_sets_the_shape_with_the_prior_proportions() -> None:
     assert est.samples == 1
 
 
-def test_peak_is_adopted_at_once() -> None:
-    """A slow sample raises the level to its ratio immediately (Finagle)."""
+def test_a_slower_sample_moves_the_level_half_way_at_once() -> None:
+    """level += rise · (ratio − level): a ×5 sample shows as ×3 at once, more after two."""
     est = fed([(1.0, 100)] * 10)
+    est.observe(5.0, 100, 10.0)
+    assert est.level == pytest.approx(3.0, rel=0.05)
+    ratio = 5.0 / est.shape(100)  # the fit has moved a little toward the slow sample
+    est.observe(5.0, 100, 10.0)
+    assert est.level == pytest.approx(3.0 + 0.5 * (ratio - 3.0), rel=0.01)
+
+
+def test_finagle_rise_adopts_the_peak_whole() -> None:
+    est = LatencyEstimator(RoutingConfig(level_rise=1.0))
+    for t in range(10):
+        est.observe(1.0, 100, t * 0.1)
     est.observe(5.0, 100, 10.0)
     assert est.level == pytest.approx(5.0, rel=0.05)
 
 
-def test_lower_samples_pull_the_level_down_with_time_weight() -> None:
-    """Below the level: level·w + ratio·(1 − w), w = exp(−Δt/τ)."""
+def test_sparse_faster_samples_pull_the_level_down_with_time_weight() -> None:
+    """Below the level, samples Δt apart: level·w + ratio·(1 − w), w = exp(−Δt/τ)."""
     est = fed([(1.0, 100)] * 10)
     est.observe(5.0, 100, 10.0)
     before, shape = est.level, est.shape(100)
     est.observe(1.0, 100, 13.0)
     w = math.exp(-3.0 / CFG.tau_s)
     assert est.level == pytest.approx(before * w + (1.0 / shape) * (1 - w))
-    for t in range(14, 80):
-        est.observe(1.0, 100, float(t))
-    assert est.level == pytest.approx(1.0, abs=0.1)
 
 
-def test_simultaneous_samples_below_the_level_do_not_move_it() -> None:
-    """Δt = 0 gives the new sample no weight (only peaks count at once)."""
-    est = fed([(1.0, 100)] * 5)
-    est.observe(4.0, 100, 5.0)
-    level = est.level
-    est.observe(1.0, 100, 5.0)
-    assert est.level == level
+def test_frequent_faster_samples_weigh_at_least_alpha_each() -> None:
+    """At 1,000 samples/s the time weight is ~0; the per-sample floor still moves the level."""
+    est = fed([(1.0, 100)] * 10)
+    est.observe(5.0, 100, 10.0)
+    before, shape = est.level, est.shape(100)
+    est.observe(1.0, 100, 10.001)
+    alpha = CFG.level_alpha
+    assert est.level == pytest.approx(before * (1 - alpha) + (1.0 / shape) * alpha)
+    for i in range(60):  # a slow spell is forgotten in tens of samples, not tens of seconds
+        est.observe(1.0, 100, 10.002 + i * 0.001)
+    assert est.level == pytest.approx(1.0, abs=0.05)
+
+
+def test_censored_attempt_raises_the_level_but_never_lowers_it() -> None:
+    """An attempt abandoned after t took at least t: a lower bound, not a sample."""
+    est = fed([(1.0, 100)] * 10)
+    samples, stamp = est.samples, est.stamp
+    est.censor(0.5, 100, 20.0)  # faster than usual: says nothing
+    assert (est.level, est.stamp) == (pytest.approx(1.0), stamp)
+    est.censor(5.0, 100, 21.0)
+    assert est.level == pytest.approx(3.0, rel=0.05)
+    assert est.stamp == 21.0
+    assert est.samples == samples  # not a sample: no percentile, no fit
+    assert est.quantile(1.0) == pytest.approx(1.0)
+
+
+def test_censor_without_history_does_nothing() -> None:
+    est = LatencyEstimator(CFG)
+    est.censor(30.0, 100, 1.0)
+    assert (est.level, est.samples) == (1.0, 0)
 
 
 def test_fit_recovers_base_and_per_token_time() -> None:
@@ -117,6 +148,34 @@ def test_quantile_nearest_rank_and_ring() -> None:
     # The window holds four ratios of ~1 after the spike has rolled out.
     assert est.quantile(1.0) == pytest.approx(est.quantile(0.0) or 0.0, rel=0.5)
     assert est.quantile(0.0) is not None
+
+
+@given(
+    st.lists(st.floats(min_value=0.0, max_value=50.0, allow_nan=False), min_size=1, max_size=40),
+    st.integers(min_value=1, max_value=8),
+    st.floats(min_value=0.0, max_value=1.0),
+)
+def test_window_quantile_is_the_nearest_rank_of_the_last_values(
+    values: list[float], size: int, q: float
+) -> None:
+    """The incrementally sorted window agrees with sorting the last ``size`` values."""
+    window = _Window(size)
+    assert window.quantile(q) is None
+    for v in values:
+        window.add(v)
+    last = sorted(values[-size:])
+    assert window.quantile(q) == last[min(len(last) - 1, max(0, math.ceil(q * len(last)) - 1))]
+
+
+def test_hedges_read_latency_against_the_predicted_length() -> None:
+    """A job that writes 4× what was predicted is slow against the prediction, not the shape."""
+    est = fed([(0.2 + 0.01 * n, n) for n in [10, 500, 50, 1000, 200, 800] * 10])
+    worst = est.quantile(1.0)
+    est.observe(0.2 + 0.01 * 800, 800, 100.0, predicted=200)
+    assert est.quantile(1.0) == worst  # as usual for 800 tokens
+    assert est.surprise(1.0) == pytest.approx(8.2 / 2.2, rel=0.05)  # 3.7× the 200-token guess
+    est.observe(2.2, 200, 101.0)  # no prediction given: the two agree
+    assert est.surprise(0.0) == pytest.approx(1.0, abs=0.05)
 
 
 def test_decay_is_one_when_time_has_not_passed() -> None:

@@ -52,23 +52,38 @@ def test_bucket_ignores_time_going_backwards() -> None:
     assert bucket.stamp == 10.0
 
 
-def test_aimd_cuts_on_429_and_grows_back_when_busy() -> None:
-    limit = AimdLimit(64, 0.9)
-    limit.on_rate_limited()
-    assert limit.value == 57  # min(63, 57.6)
-    limit.on_success(10)  # 10·2 < 57.6: not near the limit, no growth
-    assert limit.limit == pytest.approx(57.6)
-    limit.on_success(40)
-    assert limit.limit == pytest.approx(58.6)
-    for _ in range(20):
-        limit.on_success(64)
-    assert limit.value == 64  # never above the configured ceiling
-    assert repr(limit) == "<AimdLimit 64/64>"
+def test_a_429_beside_others_cuts_toward_what_was_in_flight() -> None:
+    """Refused at 9 in flight: the endpoint takes 8. Halving at most per 429 finds it in three."""
+    limit = AimdLimit(64, 0.5)
+    limit.on_rate_limited(9)
+    assert limit.value == 32
+    limit.on_rate_limited(9)
+    assert limit.value == 16
+    limit.on_rate_limited(9)
+    assert limit.value == 8
+    limit.on_rate_limited(30)  # more in flight than the limit (a race): still one less
+    assert limit.value == 7
+
+
+def test_aimd_grows_back_by_one_per_window_and_only_when_busy() -> None:
+    """+1/limit per success while at least half of it is in use (TCP Reno)."""
+    limit = AimdLimit(16, 0.5)
+    limit.on_rate_limited(9)
+    assert limit.limit == 8.0
+    limit.on_success(3)  # 3·2 < 8: not near the limit, no growth
+    assert limit.limit == 8.0
+    for _ in range(9):
+        limit.on_success(8)
+    assert limit.value == 9  # about one window of successes, one more slot
+    for _ in range(500):
+        limit.on_success(16)
+    assert limit.value == 16  # never above the configured ceiling
+    assert repr(limit) == "<AimdLimit 16/16>"
 
 
 def test_aimd_never_below_one() -> None:
     limit = AimdLimit(3, 0.9)
     for _ in range(10):
-        limit.on_rate_limited()
+        limit.on_rate_limited(2)
     assert limit.value == 1
     assert limit.limit == 1.0

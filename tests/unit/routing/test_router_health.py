@@ -90,7 +90,7 @@ def test_panic_routes_over_all_when_most_are_ejected(make: Make) -> None:
     assert rows == {"a": None, "b": None, "c": None, "d": None}
     only = h.pick(exclude=frozenset({"d", "a", "b"}))
     assert isinstance(only, Choice) and only.endpoint == "c"
-    h.failing("c", FailureKind.RATE_LIMITED, retry_after_s=60.0)  # now also cooling down
+    h.failing("c", FailureKind.RATE_LIMITED, retry_after_s=60.0, count=2)  # now cooling down
     rows = {c.name: c.skip for c in h.router.explain("m", work=Work(1, 1), now=h.now)}
     assert rows["c"] == "cooldown"
     assert isinstance(h.pick(exclude=frozenset({"d", "a", "b"})), NoChoice)
@@ -114,18 +114,33 @@ def test_no_healthy_endpoint_when_ejected_and_the_rest_excluded(make: Make) -> N
     assert "a=ejected" in refused.reason
 
 
+def test_a_lone_429_costs_the_job_a_retry_not_the_endpoint_a_cooldown(make: Make) -> None:
+    """One 429 with nothing else in flight is as often a shed as a limit: no cooldown yet."""
+    h = make(["a", "b"])
+    warm(h, {"a": 0.1, "b": 0.2})
+    h.failing("a", FailureKind.RATE_LIMITED, retry_after_s=20.0)
+    status = h.status("a")
+    assert (status.state, status.rate_limited, status.capacity) == ("closed", 1, 64)
+    assert status.consecutive_failures == 0  # not a health failure either
+    assert h.choose().endpoint == "a"
+    h.serve("a", 0.1)  # a success between: the next lone 429 is the first again
+    h.failing("a", FailureKind.RATE_LIMITED, retry_after_s=20.0)
+    assert h.status("a").state == "closed"
+
+
 def test_429_cooldown_honours_retry_after_with_jitter(make: Make) -> None:
+    """The second lone 429 in a row cools the endpoint down for Retry-After × U[1, 1.5]."""
     h = make(["a", "b"])
     warm(h, ["a", "b"])
-    h.failing("a", FailureKind.RATE_LIMITED, retry_after_s=20.0, rand=lambda: 0.0)
+    h.failing("a", FailureKind.RATE_LIMITED, retry_after_s=20.0, rand=lambda: 0.0, count=2)
     status = h.status("a")
     assert status.state == "cooldown"
     assert status.available_at == pytest.approx(h.now + 20.0)
     assert status.consecutive_failures == 0  # not a health failure
-    assert status.rate_limited == 1
-    assert status.capacity == 57  # AIMD: 64 · 0.9
+    assert status.rate_limited == 2
+    assert status.capacity == 64  # nothing else was in flight: not a concurrency limit
     assert h.shares(10) == {"b": 10}
-    h.failing("b", FailureKind.RATE_LIMITED, retry_after_s=20.0, rand=lambda: 1.0)
+    h.failing("b", FailureKind.RATE_LIMITED, retry_after_s=20.0, rand=lambda: 1.0, count=2)
     assert h.status("b").available_at == pytest.approx(h.now + 30.0)  # ×1.5
     refused = h.pick()
     assert isinstance(refused, NoChoice)
@@ -135,17 +150,35 @@ def test_429_cooldown_honours_retry_after_with_jitter(make: Make) -> None:
     assert h.choose().endpoint == "a"
 
 
+def test_a_429_beside_other_requests_lowers_the_concurrency_not_the_availability(
+    make: Make,
+) -> None:
+    """Refused as the 9th in flight: the endpoint stays open, with fewer slots."""
+    h = make([EndpointSpec("a", {"m": "m"}, 16), EndpointSpec("b", {"m": "m"}, 16)])
+    warm(h, {"a": 0.1, "b": 0.2})
+    running = [h.begin("a") for _ in range(9)]
+    h.tick(0.01)
+    h.router.fail(running.pop(), FailureKind.RATE_LIMITED, now=h.now, retry_after_s=1.0)
+    status = h.status("a")
+    assert (status.state, status.capacity, status.rate_limited) == ("closed", 8, 1)
+    assert h.choose().endpoint == "b"  # a is full at 8
+    h.tick(0.09)
+    h.router.succeed(running.pop(), now=h.now, output_tokens=200)
+    rows = {c.name: c.skip for c in h.router.explain("m", work=Work(100, 200), now=h.now)}
+    assert rows["a"] is None  # a slot is free again
+
+
 def test_retry_after_is_capped(make: Make) -> None:
     h = make(["a"])
-    h.failing("a", FailureKind.RATE_LIMITED, retry_after_s=86_400.0, rand=lambda: 0.0)
+    h.failing("a", FailureKind.RATE_LIMITED, retry_after_s=86_400.0, rand=lambda: 0.0, count=2)
     assert h.status("a").available_at == pytest.approx(h.now + 300.0)
     h2 = make(["a"])
-    h2.failing("a", FailureKind.RATE_LIMITED, retry_after_s=-5.0, rand=lambda: 0.0)
+    h2.failing("a", FailureKind.RATE_LIMITED, retry_after_s=-5.0, rand=lambda: 0.0, count=2)
     assert h2.status("a").state == "closed"
 
 
 def test_429_without_retry_after_doubles_a_short_default(make: Make) -> None:
-    h = make(["a"], config=RoutingConfig(cooldown_jitter=0.0))
+    h = make(["a"], config=RoutingConfig(cooldown_jitter=0.0, cooldown_after=1))
     waits = []
     for _ in range(7):
         h.failing("a", FailureKind.RATE_LIMITED, elapsed_s=0.0)
@@ -269,8 +302,8 @@ def test_snapshot_and_repr_show_health_as_data(make: Make) -> None:
     assert repr(h.router) == "<Router endpoints=2 models=1 policy=latency>"
     assert repr(h.router.catalog) == "<Catalog names=1>"
     assert repr(h.router.workload) == "<Workload typical_output={'m': 200}>"
-    h.failing("b", FailureKind.RATE_LIMITED, retry_after_s=1.0, rand=lambda: 0.0)
+    h.failing("b", FailureKind.RATE_LIMITED, retry_after_s=1.0, rand=lambda: 0.0, count=2)
     h.failing("b", FailureKind.AUTH)
     b = h.router._states["b"]
-    assert repr(b.cooldown) == f"<Cooldown until={h.now - 0.01 + 1.0:.3f} streak=1>"
+    assert repr(b.cooldown) == f"<Cooldown until={h.now - 0.01 + 1.0:.3f} streak=2>"
     assert repr(b.unusable).startswith("<Unusable {'m': ")

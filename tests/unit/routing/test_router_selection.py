@@ -84,10 +84,16 @@ def test_oldest_pending_request_raises_the_estimate(make: Make) -> None:
 
 
 def test_idle_estimates_decay_but_a_probe_does_not_draw_a_herd(make: Make) -> None:
-    """An avoided endpoint wins one pick after idling; while it runs, its old level applies."""
+    """An avoided endpoint wins one pick after idling long enough; while it runs, its level applies.
+
+    b is 10× slower: its idle level fades toward 0 with explore_s = 60 s, so it
+    is worth a probe after 60 · ln 10 ≈ 138 s.
+    """
     h = make(["a", "b"])
     warm(h, {"a": 0.1, "b": 1.0})
-    h.tick(100.0)
+    h.tick(120.0)
+    assert h.choose().endpoint == "a"  # not yet: 10 · exp(−2) > 1
+    h.tick(80.0)
     h.begin("a")  # a is busy, so a keeps its undecayed level
     assert h.choose().endpoint == "b"
     h.begin("b")
