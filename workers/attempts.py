@@ -121,25 +121,38 @@ class Dispatcher:
         try:
             while True:
                 progress = progress.attempted(choice.endpoint)
-                running.append(self._start(choice, job, work, deadline))
-                done = await self._race(running, model, work, deadline, progress, hedge)
-                if isinstance(done, Choice):  # the hedge timer fired and the core agreed
-                    progress = replace(progress.attempted(done.endpoint), hedged=True)
-                    self._hook(Hedged(done.endpoint))
-                    running.append(self._start(done, job, work, deadline))
-                    done = await self._race(running, model, work, deadline, progress, False)
-                assert isinstance(done, _Running)
-                failure = done.task.exception()
-                if failure is None:
-                    return Served(
-                        done.task.result(),
-                        done.choice.endpoint,
-                        done.choice.model,
-                        progress.attempts,
-                        progress.hedged,
-                        (self._clock() - done.started) * 1000,
-                    )
-                assert isinstance(failure, UpstreamFailure)
+                delay = None
+                if hedge and progress.attempts == 1:  # only a job's first attempt may hedge
+                    delay = self.router.hedge_delay(choice.endpoint, work=work, model=model)
+                if delay is None:
+                    # Nothing to race: the attempt runs in this task, no task or timer of
+                    # its own (its timeout is the upstream call's, as in a task).
+                    started = self._clock()
+                    try:
+                        reply = await self._attempt(choice, job, work, deadline)
+                    except UpstreamFailure as exc:
+                        failure, last = exc, choice
+                    else:
+                        return self._served(reply, choice, started, progress)
+                else:
+                    running.append(self._start(choice, job, work, deadline))
+                    hedge_at = running[-1].started + delay
+                    done = await self._race(running, model, work, deadline, progress, hedge_at)
+                    if isinstance(done, Choice):  # the hedge timer fired and the core agreed
+                        progress = replace(progress.attempted(done.endpoint), hedged=True)
+                        self._hook(Hedged(done.endpoint))
+                        running.append(self._start(done, job, work, deadline))
+                        done = await self._race(running, model, work, deadline, progress, None)
+                    assert isinstance(done, _Running)
+                    error = done.task.exception()
+                    if error is None:
+                        return self._served(done.task.result(), done.choice, done.started, progress)
+                    assert isinstance(error, UpstreamFailure)
+                    failure, last = error, done.choice
+                if (
+                    failure.retry_after_s is not None
+                ):  # honoured for this job, whatever the router does
+                    progress = progress.told_to_wait(self._clock() + failure.retry_after_s)
                 step = self._next(progress, failure, model, work)
                 while isinstance(step, Wait):
                     await asyncio.sleep(step.delay_s)
@@ -151,13 +164,25 @@ class Dispatcher:
                         f"{step.message}; last: {failure}",
                         progress.attempts,
                         progress.hedged,
-                        done.choice.endpoint,
-                        done.choice.model,
+                        last.endpoint,
+                        last.model,
                     )
                 choice = step.choice
                 self._hook(Retried(choice.endpoint, failure.kind.value))
         finally:
             await _cancel_all(running)
+
+    def _served(
+        self, reply: UpstreamReply, choice: Choice, started: float, progress: Progress
+    ) -> Served:
+        return Served(
+            reply,
+            choice.endpoint,
+            choice.model,
+            progress.attempts,
+            progress.hedged,
+            (self._clock() - started) * 1000,
+        )
 
     def _next(self, progress: Progress, failure: UpstreamFailure, model: str, work: Work) -> Step:
         return next_step(
@@ -219,19 +244,14 @@ class Dispatcher:
         work: Work,
         deadline: float,
         progress: Progress,
-        may_hedge: bool,
+        hedge_at: float | None,
     ) -> _Running | Choice:
         """Wait for the first success, or for every attempt to fail.
 
-        While one attempt runs and the job may hedge, a timer runs beside it;
-        when it fires and the core agrees, the hedge's choice is returned.
+        With ``hedge_at`` (the job's first attempt, on a class that hedges) a
+        timer runs beside it; when it fires and the core agrees, the hedge's
+        choice is returned.
         """
-        hedge_at: float | None = None
-        if may_hedge and not progress.hedged and len(running) == 1:
-            first = running[0]
-            delay = self.router.hedge_delay(first.choice.endpoint, work=work, model=model)
-            if delay is not None:
-                hedge_at = first.started + delay
         while True:
             pending = [r.task for r in running if not r.task.done()]
             if not pending:

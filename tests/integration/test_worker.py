@@ -136,8 +136,9 @@ async def test_429_cooldown_is_honoured(
                 await caller.wait_for(lambda: ids[-1] in caller.replies)
             stats = fleet.stats()
     assert all(caller.replies[j][0]["status"] == "ok" for j in ids)
-    # One 429 puts it in a cooldown of at least Retry-After (3 s): not asked again meanwhile.
-    assert requests(stats, "limited") <= 1, stats
+    # A lone 429 costs its job a retry elsewhere; the second in a row puts the endpoint in a
+    # cooldown of at least Retry-After (3 s): not asked again meanwhile.
+    assert requests(stats, "limited") <= 2, stats
 
 
 async def test_deadlines_are_enforced(
