@@ -2,13 +2,17 @@
 
 Cost of sending a job of ``n`` output tokens (all in seconds)::
 
-    predicted = max(level, oldest_pending_age / shape(n_oldest)) · shape(n)   # success path
+    predicted = max(level, oldest_pending_age / p95(n_oldest)) · shape(n)     # success path
               + failure_rate · failure_cost                                    # expected failure
     cost      = predicted · (1 + in_flight / capacity)                         # soft load
 
 * ``level``/``shape``: see :mod:`workers.routing.estimator`.
 * The oldest pending request is a lower bound: if it has been running 3× its
-  usual time, the endpoint is at least 3× slow now, before any response says so.
+  p95 time (``hedge_quantile`` of latency against the prediction it was sent
+  with), the endpoint is at least 3× slow now, before any response says so.
+  Against its *typical* time instead, the oldest of ten requests in flight —
+  often a long answer, whose length was not known when it was sent — reads as
+  a slowdown every few seconds and sends jobs to a 2× slower endpoint.
 * ``failure_rate · failure_cost``: a fast 5xx costs little (its own latency,
   then a retry elsewhere), a hang costs a whole timeout.
 * Load is a distance to capacity, not a queue: LLM servers run requests in
@@ -53,6 +57,7 @@ class EndpointState:
         "_fail_idle",
         "_gran",
         "_idle_level",
+        "_p95",
         "_read_at",
         "attempts",
         "cancelled",
@@ -96,6 +101,7 @@ class EndpointState:
         self._gran = config.decay_granularity_s
         self._read_at = float("-inf")
         self._idle_level = 1.0
+        self._p95 = 1.0
         self._fail_busy = self._fail_idle = 0.0
 
     def __repr__(self) -> str:
@@ -166,7 +172,8 @@ class EndpointState:
             level = lat.level if busy else self._idle_level
             if busy:
                 started, old_tokens, _ = next(iter(self.pending.values()))
-                floor = (now - started) / max(lat.base_s + lat.per_token_s * old_tokens, _TINY)
+                usual = (lat.base_s + lat.per_token_s * old_tokens) * self._p95
+                floor = (now - started) / max(usual, _TINY)
                 if floor > level:
                     level = floor
             predicted = level * (lat.base_s + lat.per_token_s * tokens)
@@ -191,6 +198,7 @@ class EndpointState:
         lat = self.latency
         idle = now - lat.stamp if now > lat.stamp else 0.0
         self._idle_level = lat.reverted(now) * exp(-idle / self.config.explore_s)
+        self._p95 = max(lat.surprise(self.config.hedge_quantile) or 1.0, 1.0)
         f = self.failures
         self._fail_busy = f.rate * f.cost_s
         self._fail_idle = self._fail_busy * f.decay(now)

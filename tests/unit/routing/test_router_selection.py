@@ -83,6 +83,22 @@ def test_oldest_pending_request_raises_the_estimate(make: Make) -> None:
     assert h.choose().endpoint == "b"
 
 
+def test_oldest_pending_request_counts_only_past_the_p95(make: Make) -> None:
+    """An endpoint that answers in 0.1 or 0.2 s: a request at 0.19 s is usual, at 0.6 s it is not."""
+    h = make(["a"])
+    for _ in range(20):
+        h.serve("a", 0.1, gap_s=0.001)
+        h.serve("a", 0.2, gap_s=0.001)
+    idle = predicted(h, "a")
+    h.begin("a")
+    h.tick(0.19)
+    assert predicted(h, "a") == pytest.approx(h.router._states["a"].latency.level * 0.15, rel=0.1)
+    assert predicted(h, "a") < 0.2
+    h.tick(0.41)
+    assert predicted(h, "a") == pytest.approx(0.6 / 1.33, rel=0.1)  # 0.6 s ÷ the p95 ratio
+    assert idle < 0.2
+
+
 def test_idle_estimates_decay_but_a_probe_does_not_draw_a_herd(make: Make) -> None:
     """An avoided endpoint wins one pick after idling long enough; while it runs, its level applies.
 
