@@ -84,7 +84,7 @@ def test_oldest_pending_request_raises_the_estimate(make: Make) -> None:
 
 
 def test_oldest_pending_request_counts_only_past_the_p95(make: Make) -> None:
-    """An endpoint that answers in 0.1 or 0.2 s: a request at 0.19 s is usual, at 0.6 s it is not."""
+    """Answers in 0.1 or 0.2 s: a request at 0.19 s is usual, one at 0.6 s is not."""
     h = make(["a"])
     for _ in range(20):
         h.serve("a", 0.1, gap_s=0.001)
