@@ -171,6 +171,26 @@ def _row(
     }
 
 
+def _ms(value: float | None) -> str:
+    return "fail" if value is None else f"{value:.0f} ms"
+
+
+def _routing_detail(key: str, t: dict[str, Any]) -> str:
+    """One routing target's figures, short enough for a table cell."""
+    if key == "calls_per_job_le_1_3":
+        return f"llmq {t['llmq']:.3f}"
+    if key == "best_deadline_met":
+        return f"llmq {t['llmq_pct']:.1f}% vs {t['best_other']} {t['best_other_pct']:.1f}%"
+    if key == "p99_within_1_5x_healthy":
+        return (
+            f"llmq {_ms(t['llmq_ms'])} vs limit {_ms(t['limit_ms'])}"
+            f" (1.5 x {t['endpoint']} {_ms(t['endpoint_p99_ms'])})"
+        )
+    if "best_other_ms" in t:
+        return f"llmq {_ms(t['llmq_ms'])} vs {t['best_other']} {_ms(t['best_other_ms'])}"
+    return ", ".join(f"{a}={v}" for a, v in t.items() if a != "met")
+
+
 def summary_rows() -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     o = _load("overhead")
@@ -186,7 +206,12 @@ def summary_rows() -> list[dict[str, Any]]:
                     )
                 )
         for t in o.get("targets", []):
-            rows.append(_row("overhead", t["target"], t["value"], "", t["met"], t["by"]))
+            if "(fair)" in t["target"]:
+                rows.append(_row("overhead", t["target"], t["value"], "", t["met"], t["by"]))
+            else:
+                # Against the plain echo, which makes no HTTP call: for scale, not a target.
+                figure = t["target"] + " (for scale)"
+                rows.append(_row("overhead", figure, f"{t['value']} ({t['by']})"))
         c = o.get("comparison", {}).get("llmq-1w", {}).get("http-echo")
         if c:
             rows.append(
@@ -266,9 +291,7 @@ def summary_rows() -> list[dict[str, Any]]:
             for key, t in (data.get("targets") or {}).items():
                 if not isinstance(t, dict) or "met" not in t:
                     continue
-                detail = ", ".join(f"{a}={v}" for a, v in t.items() if a != "met")
-                if len(detail) > 58:
-                    detail = detail[:55] + "..."
+                detail = _routing_detail(key, t)
                 # "info_*" entries are context, not targets.
                 met = None if key.startswith("info") else bool(t["met"])
                 rows.append(_row("routing", f"{scenario}: {key}", detail, key, met))
@@ -320,12 +343,18 @@ def write_summary(status: dict[str, Any] | None) -> Path:
     print_summary(rows)
     path = result_path("summary")
     path.parent.mkdir(parents=True, exist_ok=True)
+    environment_now = environment()
+    if status is None and path.exists():
+        # A rebuild from the files on disk: the run it summarises is the last `all`.
+        with contextlib.suppress(ValueError):
+            before = json.loads(path.read_text())
+            status, environment_now = before.get("runs"), before.get("environment")
     targets = [r for r in rows if r["met"] is not None]
     path.write_text(
         json.dumps(
             {
                 "benchmark": "summary",
-                "environment": environment(),
+                "environment": environment_now,
                 "runs": status,
                 "targets_met": sum(bool(r["met"]) for r in targets),
                 "targets_total": len(targets),
