@@ -23,7 +23,9 @@ Cost of sending a job of ``n`` output tokens (all in seconds)::
   slow spell is assumed over within seconds) and fades slowly toward 0
   (``explore_s``, Finagle's "observe 0"), so an endpoint avoided after a
   spike is tried again soon and an endpoint that is merely slower gets a
-  probe now and then; the failure term fades toward 0 too. As soon as that
+  probe now and then (first attempts only: a retry or a hedge is late
+  already and goes where the router expects it fastest, ``explore=False``);
+  the failure term fades toward 0 too. As soon as that
   probe is in flight the stored values apply again, so a recovering endpoint
   gets one probe, not a herd; a probe abandoned as too slow raises the level
   by what it showed (``LatencyEstimator.censor``).
@@ -53,6 +55,7 @@ class EndpointState:
     """Mutable per-endpoint state; ``repr`` shows its health."""
 
     __slots__ = (
+        "_explored",
         "_fail_busy",
         "_fail_idle",
         "_gran",
@@ -100,7 +103,7 @@ class EndpointState:
         self.attempts = self.successes = self.failed = self.rate_limited = self.cancelled = 0
         self._gran = config.decay_granularity_s
         self._read_at = float("-inf")
-        self._idle_level = 1.0
+        self._idle_level = self._explored = 1.0
         self._p95 = 1.0
         self._fail_busy = self._fail_idle = 0.0
 
@@ -162,14 +165,14 @@ class EndpointState:
             return max(times)
         return None
 
-    def score(self, now: float, tokens: float, cold_s: float) -> float:
+    def score(self, now: float, tokens: float, cold_s: float, *, explore: bool = True) -> float:
         """Cost of sending ``tokens`` output tokens here now; sets ``predicted_s``. Hot path."""
         if now - self._read_at >= self._gran or now < self._read_at:
             self._refresh(now)
         lat = self.latency
         busy = self.in_flight
         if lat.samples:
-            level = lat.level if busy else self._idle_level
+            level = lat.level if busy else (self._explored if explore else self._idle_level)
             if busy:
                 started, old_tokens, _ = next(iter(self.pending.values()))
                 usual = (lat.base_s + lat.per_token_s * old_tokens) * self._p95
@@ -197,7 +200,8 @@ class EndpointState:
         self._read_at = now
         lat = self.latency
         idle = now - lat.stamp if now > lat.stamp else 0.0
-        self._idle_level = lat.reverted(now) * exp(-idle / self.config.explore_s)
+        self._idle_level = lat.reverted(now)
+        self._explored = self._idle_level * exp(-idle / self.config.explore_s)
         self._p95 = max(lat.surprise(self.config.hedge_quantile) or 1.0, 1.0)
         f = self.failures
         self._fail_busy = f.rate * f.cost_s
@@ -318,9 +322,7 @@ class EndpointState:
         self.circuit.on_cancel(probe)  # the probe did not test health
         if kind is FailureKind.RATE_LIMITED:
             self.rate_limited += 1
-            if busy > 1:  # refused beside others: a concurrency limit (AimdLimit)
-                self.capacity.on_rate_limited(busy)
-            else:
+            if busy < 2 or not self.capacity.on_rate_limited(busy):
                 self.cooldown.rate_limited(now, retry_after_s, jitter)
         elif kind.marks_unusable:
             self.unusable.mark(model, now + self.config.auth_unusable_s)

@@ -62,35 +62,46 @@ class AimdLimit:
 
     Starts at the configured ``max_concurrency`` and never exceeds it. A 429
     that arrives while ``k ≥ 2`` requests were in flight says the endpoint
-    took ``k − 1`` and refused the ``k``-th, if the 429 was about concurrency:
-    the limit drops toward ``k − 1``, but by at most a factor ``backoff`` per
-    429 (TCP: halve), since a 429 can be a random shed as well; always by at
-    least 1, never below 1. A real limit is found in a few 429s instead of
-    the dozens a ×0.9 cut takes, and random 429s do not pin the limit to the
-    in-flight count. Growth is additive per window (TCP Reno: ``+1/limit`` per
-    success while at least half the limit is in use), so probing above a
-    learned limit costs about one 429 per ``limit`` successes.
+    took ``k − 1`` and refused the ``k``-th — if it was about concurrency.
+    It was not when a request recently *succeeded* with ``k`` or more in
+    flight (``proven``): that 429 is a shed or a rate limit, and only lowers
+    ``proven`` by one (so a capacity that shrinks is learned after a few), and
+    :meth:`on_rate_limited` returns False for the caller to treat it as one.
+    Otherwise the limit drops toward ``k − 1``, by at most a factor
+    ``backoff`` per 429 (TCP: halve), always by at least 1, never below 1: a
+    real limit is found in a few 429s instead of the dozens a ×0.9 cut takes.
+    Growth is additive per window (TCP Reno: ``+1/limit`` per success while at
+    least half the limit is in use), so probing above a learned limit costs
+    about one 429 per ``limit`` successes.
     """
 
-    __slots__ = ("_backoff", "ceiling", "limit", "value")
+    __slots__ = ("_backoff", "ceiling", "limit", "proven", "value")
 
     def __init__(self, ceiling: int, backoff: float) -> None:
         self.ceiling = ceiling
         self.limit = float(ceiling)
         self.value = ceiling
         """The limit as a whole number of requests (an attribute: read on every pick)."""
+        self.proven = 0
+        """Most requests in flight (the one answered included) at a recent success."""
         self._backoff = backoff
 
     def __repr__(self) -> str:
-        return f"<AimdLimit {self.value}/{self.ceiling}>"
+        return f"<AimdLimit {self.value}/{self.ceiling} proven={self.proven}>"
 
-    def on_rate_limited(self, in_flight: int) -> None:
-        """A 429 with ``in_flight`` requests out, this one included."""
+    def on_rate_limited(self, in_flight: int) -> bool:
+        """A 429 with ``in_flight`` requests out, this one included; True if a concurrency limit."""
+        if in_flight <= self.proven:
+            self.proven -= 1
+            return False
         cut = max(float(in_flight - 1), self.limit * self._backoff)
         self.limit = max(1.0, min(self.limit - 1.0, cut))
         self.value = max(1, int(self.limit))
+        return True
 
     def on_success(self, in_flight: int) -> None:
+        if in_flight > self.proven:
+            self.proven = in_flight
         if in_flight * 2 >= self.limit and self.limit < self.ceiling:
             self.limit = min(float(self.ceiling), self.limit + 1.0 / self.limit)
             self.value = max(1, int(self.limit))
@@ -99,8 +110,9 @@ class AimdLimit:
 class Cooldown:
     """Time out after repeated 429s (or a 503 that says when to come back).
 
-    Only 429s that arrive with nothing else in flight count here (the others
-    lower :class:`AimdLimit`), and only from the ``cooldown_after``-th in a row
+    Only 429s that are not a concurrency limit count here (nothing else in
+    flight, or as many in flight as recently succeeded: see :class:`AimdLimit`),
+    and only from the ``cooldown_after``-th in a row
     without a success between: a lone 429 is as often load shedding as a rate
     limit, and costs one fast round trip, while cooling the endpoint down
     costs every job its latency for a second or more. ``Retry-After`` is

@@ -119,7 +119,7 @@ class Router:
                 continue
             skip = state.blocked(model, now, need, panic=False)
             if skip is None:
-                costs.append(state.score(now, tokens, cold))
+                costs.append(state.score(now, tokens, cold, explore=not exclude))
                 eligible.append(entry)
             elif state.ejected(now):
                 ejected += 1
@@ -131,7 +131,7 @@ class Router:
                 if not state.ejected(now) or (exclude and state.name in exclude):
                     continue
                 if state.blocked(model, now, need, panic=True) is None:
-                    costs.append(state.score(now, tokens, cold))
+                    costs.append(state.score(now, tokens, cold, explore=not exclude))
                     eligible.append(entry)
         if not costs:
             return None

@@ -78,7 +78,19 @@ def test_aimd_grows_back_by_one_per_window_and_only_when_busy() -> None:
     for _ in range(500):
         limit.on_success(16)
     assert limit.value == 16  # never above the configured ceiling
-    assert repr(limit) == "<AimdLimit 16/16>"
+    assert repr(limit) == "<AimdLimit 16/16 proven=16>"
+
+
+def test_a_429_at_an_in_flight_count_that_recently_succeeded_is_not_a_concurrency_limit() -> None:
+    """Served 5 at once a moment ago, refused at 3: a shed or a rate limit, not capacity."""
+    limit = AimdLimit(64, 0.5)
+    limit.on_success(5)
+    assert limit.proven == 5
+    assert limit.on_rate_limited(3) is False
+    assert (limit.value, limit.proven) == (64, 4)  # unchanged, and a little less sure
+    assert limit.on_rate_limited(4) is False
+    assert limit.on_rate_limited(4) is True  # proven fell to 3: now it is capacity
+    assert limit.value == 32
 
 
 def test_aimd_never_below_one() -> None:

@@ -117,6 +117,17 @@ def test_idle_estimates_decay_but_a_probe_does_not_draw_a_herd(make: Make) -> No
     assert h.shares(10) == {"a": 10}
 
 
+def test_retries_and_hedges_do_not_explore(make: Make) -> None:
+    """A long-idle slower endpoint may win a first pick (a probe), never a retry's."""
+    h = make(["a", "b", "c"])
+    warm(h, {"a": 0.1, "b": 0.5, "c": 1.0})
+    h.tick(120.0)
+    h.begin("a")  # busy: a keeps its level; b's has faded by exp(-2)
+    assert h.choose().endpoint == "b"
+    retry = h.pick(exclude=frozenset({"c"}))
+    assert isinstance(retry, Choice) and retry.endpoint == "a"
+
+
 def test_cold_endpoint_is_probed_first_and_once(make: Make) -> None:
     """No history: tried at once; with its probe out, warm endpoints come first."""
     h = make(["a", "b", "new"])
