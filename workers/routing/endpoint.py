@@ -25,10 +25,10 @@ Cost of sending a job of ``n`` output tokens (all in seconds)::
   spike is tried again soon and an endpoint that is merely slower gets a
   probe now and then (first attempts only: a retry or a hedge is late
   already and goes where the router expects it fastest, ``explore=False``);
-  the failure term fades toward 0 too. As soon as that
-  probe is in flight the stored values apply again, so a recovering endpoint
-  gets one probe, not a herd; a probe abandoned as too slow raises the level
-  by what it showed (``LatencyEstimator.censor``).
+  the failure term fades toward 0 too. As soon as that probe is in flight
+  the stored values apply again, so a recovering endpoint gets one probe, not
+  a herd; a probe abandoned as too slow raises the level by what it showed
+  (``LatencyEstimator.censor``).
 * Cold (no sample yet): its cost is only its failure term (≈ 0), so it is tried
   first (Finagle, Linkerd), but while that probe is in flight it is skipped
   (``Skip.COLD_PROBE``, a capacity reason: jobs wait for a slot rather than
