@@ -292,12 +292,17 @@ class Dispatcher:
     async def _attempt(
         self, choice: Choice, job: Job, work: Work, deadline: float
     ) -> UpstreamReply:
+        """One upstream call. The router's reservation (slot, rate tokens, probe)
+        is taken first and every path below hands it back exactly once: success,
+        an upstream failure, or anything else (cancellation, a bug) as a cancel."""
         router = self.router
         now = self._clock()
         attempt = router.begin(choice.endpoint, work=work, now=now, model=choice.model)
-        timeout = router.attempt_timeout(choice.endpoint, work=work, remaining_s=deadline - now)
-        body = orjson.dumps({**job.body, "model": choice.upstream_model})
         try:
+            timeout = router.attempt_timeout(
+                choice.endpoint, work=work, remaining_s=deadline - now
+            )
+            body = orjson.dumps({**job.body, "model": choice.upstream_model})
             reply = await self._upstream.complete(
                 self._targets[choice.endpoint],
                 body,
