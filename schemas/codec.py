@@ -37,7 +37,10 @@ __all__ = [
 ]
 
 MAX_SLA_MS = 7 * 24 * 3600 * 1000
-"""The longest latency budget a job may ask for (a week)."""
+"""The longest latency budget a job may ask for (a week); a worker may set less."""
+
+CLOCK_SKEW_MS = 60_000
+"""How far in the future a producer's clock may put a job's publish time."""
 
 _TRACEPARENT_RE = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 _MAX_HEADER_STR = 256
@@ -57,6 +60,9 @@ class Delivery:
     headers: Mapping[str, Any] = field(default_factory=dict)
     timestamp_ms: int | None = None
     """The AMQP ``timestamp`` property (whole seconds) in ms, if set."""
+    user_id: str | None = None
+    """The AMQP ``user_id`` property: RabbitMQ refuses a publish whose ``user_id``
+    is not the publishing connection's user, so when set it is authenticated."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +82,14 @@ class Job:
     published_ms: int
     deadline_ms: int
     tenant: str | None = None
+    """The ``tenant`` header as the producer wrote it: a claim, not an identity
+    (the worker decides whom to believe, see ``schemas.tenancy``)."""
     traceparent: str | None = None
     replay_count: int = 0
+    user_id: str | None = None
+    """The authenticated broker user that published the job, if it said."""
+    n: int = 1
+    """Completions asked for (the body's ``n``): a cost multiplier."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,12 +109,18 @@ def decode_job(
     now_ms: int,
     default_sla_ms: Mapping[str, int],
     max_body_bytes: int,
+    max_sla_ms: int = MAX_SLA_MS,
 ) -> Job | Rejected:
     """Validate a delivery and work out its deadline.
 
     The deadline is ``deadline-ms`` if present, else publish time + ``sla-ms``,
-    else publish time + the SLA class default. Publish time is the
-    ``published-ms`` header, else the ``timestamp`` property, else ``now_ms``.
+    else publish time + the SLA class default; never later than publish time +
+    ``max_sla_ms``. Publish time is the ``published-ms`` header, else the
+    ``timestamp`` property, else ``now_ms``, and never later than ``now_ms``:
+    the producer's clock may claim a later time, and a later publish time would
+    stretch the deadline past what the broker's consumer timeout allows. A
+    publish time more than :data:`CLOCK_SKEW_MS` ahead is refused as forged or
+    broken.
     """
     reply_to = _short_str(delivery.reply_to)
     job_id = delivery.message_id if _is_id(delivery.message_id) else None
@@ -146,6 +164,12 @@ def decode_job(
     if not isinstance(raw, dict):
         return reject(ErrorCode.INVALID_REQUEST, "body must be a JSON object")
     try:
+        # The body is forwarded as JSON again: orjson reads 1,024 levels of
+        # nesting but writes only 255, so a body can parse and still be unsendable.
+        orjson.dumps(raw)
+    except orjson.JSONEncodeError as exc:
+        return reject(ErrorCode.INVALID_REQUEST, f"body cannot be forwarded: {exc}")
+    try:
         request = ChatRequest.model_validate(raw)
     except ValidationError as exc:
         return reject(ErrorCode.INVALID_REQUEST, describe_validation_error(exc))
@@ -154,11 +178,23 @@ def decode_job(
     if model is None:
         return reject(ErrorCode.INVALID_REQUEST, "no model: set the body's model or the header")
 
-    published = h.published_ms or delivery.timestamp_ms or now_ms
+    n = raw.get("n", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 128:
+        return reject(ErrorCode.INVALID_REQUEST, "n must be an integer from 1 to 128")
+
+    claimed = h.published_ms or delivery.timestamp_ms or now_ms
+    if claimed > now_ms + CLOCK_SKEW_MS:
+        return reject(
+            ErrorCode.INVALID_REQUEST,
+            f"published-ms is {claimed - now_ms} ms in the future (clock skew allowed:"
+            f" {CLOCK_SKEW_MS} ms)",
+        )
+    published = min(claimed, now_ms)
     if h.deadline_ms is not None:
         deadline = h.deadline_ms
     else:
         deadline = published + (h.sla_ms or default_sla_ms[delivery.routing_key])
+    deadline = min(deadline, published + max_sla_ms)
 
     return Job(
         job_id=job_id,
@@ -174,6 +210,8 @@ def decode_job(
         tenant=h.tenant,
         traceparent=h.traceparent,
         replay_count=h.replay_count,
+        user_id=_short_str(delivery.user_id),
+        n=n,
     )
 
 
