@@ -89,6 +89,8 @@ def write_config(
     path: Path, amqp_url: str, endpoints: dict[str, str], models: list[str], **worker: Any
 ) -> Path:
     lines = ["[broker]", f'url = "{amqp_url}"', "[worker]"]
+    # The benchmark's own reply queues (bench.reply.*, bench.replies) besides LlmqClient's.
+    worker = {"reply_queues": ["llmq.reply.*", "bench.*"], **worker}
     lines += [f"{k} = {json.dumps(v)}" for k, v in worker.items()]
     for name, url in endpoints.items():
         lines += [

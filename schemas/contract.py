@@ -74,6 +74,15 @@ class DEAD_HEADERS:
     WORKER = "worker"
     SLA_CLASS = "sla-class"
     """The original routing key, so a replay goes back to the same queue."""
+    REPLY_ERROR = "reply-error"
+    """Why the reply could not be delivered (its queue did not exist)."""
+    REPLY = "reply"
+    """The undelivered reply envelope (UTF-8 JSON), when it is small."""
+    REPLY_OFFSET = "reply-offset"
+    """The undelivered reply, when large: the body is the job's body followed by
+    the reply envelope, which starts at this byte."""
+    HEADERS_DROPPED = "headers-dropped"
+    """How many of the job's own headers did not fit in the dead letter's budget."""
 
 
 class ChatMessage(BaseModel):

@@ -46,6 +46,7 @@ __all__ = [
     "MetricsSettings",
     "ModelSettings",
     "Settings",
+    "TenancySettings",
     "TopologySettings",
     "WorkerSettings",
     "load_settings",
@@ -200,6 +201,10 @@ class ModelSettings(_Strict):
     aliases: list[str] = Field(default_factory=list)
     fallbacks: list[str] = Field(default_factory=list)
     """Models tried, in order, when no endpoint of this one is usable."""
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    """The most ``max_tokens`` / ``max_completion_tokens`` a job may ask for."""
+    max_n: int = Field(default=8, ge=1, le=128)
+    """The most completions (``n``) one job may ask for: each is billed."""
 
 
 class WorkerSettings(_Strict):
@@ -222,6 +227,43 @@ class WorkerSettings(_Strict):
     """Worker name in dead letters and status; defaults to host:pid."""
     state_interval_s: float = Field(default=1.0, gt=0, le=60)
     """How often the worker publishes its state on ``topology.state_exchange``."""
+    max_sla_ms: int = Field(default=3_600_000, ge=1, le=7 * 24 * 3600 * 1000)
+    """No job's deadline is later than its publish time plus this (an hour: the
+    batch default). The broker's ``consumer_timeout`` must exceed it."""
+    reply_queues: tuple[str, ...] = ("llmq.reply.*",)
+    """Queues a job's ``reply_to`` may name (``*`` matches any characters). The
+    worker publishes only to these; llmq's own queues never match."""
+    strict_preflight: bool = False
+    """Refuse to start when a start-up check (consumer timeout) finds a problem."""
+
+    @field_validator("reply_queues")
+    @classmethod
+    def _patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            if not 0 < len(pattern) <= 255 or not pattern.isprintable():
+                raise ValueError(f"{pattern[:40]!r} is not a queue name pattern")
+            if pattern.strip("*") == "":
+                raise ValueError("a pattern of only '*' would let jobs name any queue")
+        return value
+
+
+class TenancySettings(_Strict):
+    """Who a job is billed to: never simply what the job says.
+
+    The tenant of a job published over AMQP comes from the broker user that
+    published it (the ``user_id`` property, which RabbitMQ checks against the
+    connection's user), mapped through ``users``; the ``tenant`` header is
+    believed only from the broker users in ``trust_header_from`` (the gateway's,
+    which takes tenants from API keys). Anything else is billed to ``default``.
+    """
+
+    users: dict[str, str] = Field(default_factory=dict)
+    """Broker user → tenant."""
+    trust_header_from: tuple[str, ...] = ()
+    """Broker users whose jobs' ``tenant`` header is believed; ``*`` means any
+    producer (the old behaviour: tenants name themselves)."""
+    default: str | None = None
+    """The tenant of jobs no rule names (None: no tenant, no tenant budget)."""
 
 
 class GatewaySettings(_Strict):
@@ -296,6 +338,7 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     budgets: BudgetsSettings = Field(default_factory=BudgetsSettings)
+    tenancy: TenancySettings = Field(default_factory=TenancySettings)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @classmethod

@@ -41,7 +41,7 @@ class Caller:
         self.settings = settings
         self.replies: dict[str, list[dict[str, Any]]] = {}
         self.dead: list[aio_pika.abc.AbstractIncomingMessage] = []
-        self.reply_queue = f"reply.{uuid.uuid4().hex[:8]}"
+        self.reply_queue = f"llmq.reply.{uuid.uuid4().hex[:8]}"
         self._arrived = asyncio.Event()
 
     async def start(self) -> None:

@@ -25,18 +25,33 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aio_pika.robust_connection import RobustConnection
+from pamqp import encode
 from pamqp.commands import Basic
 
-from schemas.contract import CONTENT_TYPE
+from schemas.contract import CONTENT_TYPE, DEAD_HEADERS, HEADERS
 from workers.errors import BrokerFailure, Unroutable
 
-__all__ = ["Outgoing", "Publisher", "connect", "dead_letter_message", "reply_message"]
+__all__ = [
+    "Outgoing",
+    "Publisher",
+    "bounded_headers",
+    "connect",
+    "dead_letter_message",
+    "header_budget",
+    "minimal_dead_letter",
+    "reply_message",
+]
 
 _RECONNECT_BASE_S = 0.5
 _RECONNECT_CAP_S = 15.0
 _REPUBLISH_PAUSE_S = 0.25
 _PERSISTENT = 2
 """AMQP ``delivery-mode`` 2: the broker writes the message to disk."""
+_FRAME_MAX = 131_072
+"""RabbitMQ's default ``frame_max``: a message's properties must fit in one frame."""
+REPLY_IN_HEADER = 8_192
+"""An undelivered reply up to this size rides in the ``reply`` header; a larger
+one is appended to the body (``reply-offset`` says where it starts)."""
 
 
 class JitteredRobustConnection(RobustConnection):
@@ -130,6 +145,14 @@ class Publisher:
                     raise BrokerFailure(f"publish failed: {type(exc).__name__}") from None
                 await asyncio.sleep(_REPUBLISH_PAUSE_S)
 
+    @property
+    def frame_max(self) -> int:
+        """The connection's negotiated ``frame_max`` (RabbitMQ's default until known)."""
+        underlay = getattr(self._channel, "_channel", None)
+        tune = getattr(getattr(underlay, "connection", None), "connection_tune", None)
+        value = getattr(tune, "frame_max", 0)
+        return value if isinstance(value, int) and value > 0 else _FRAME_MAX
+
     async def close(self) -> None:
         if not self._channel.is_closed:
             await self._channel.close()
@@ -141,6 +164,20 @@ class Outgoing:
 
     body: bytes
     properties: Basic.Properties
+
+
+def minimal_dead_letter(incoming: AbstractIncomingMessage, headers: Mapping[str, Any]) -> Outgoing:
+    """The job's body and ids with our error headers only: the last resort."""
+    return Outgoing(
+        incoming.body,
+        Basic.Properties(
+            content_type=incoming.content_type,
+            headers={k: v for k, v in headers.items() if k != DEAD_HEADERS.REPLY},
+            delivery_mode=_PERSISTENT,
+            correlation_id=incoming.correlation_id,
+            message_id=incoming.message_id,
+        ),
+    )
 
 
 def reply_message(
@@ -173,14 +210,71 @@ def reply_message(
     )
 
 
+def header_budget(frame_max: int = _FRAME_MAX) -> int:
+    """Bytes the headers of a message we write may take: far below one frame,
+    whatever the input, so the broker never closes the connection (FRAME_ERROR)."""
+    return max(1_024, min(32_768, frame_max // 4))
+
+
+def bounded_headers(
+    original: Mapping[str, Any], extra: Mapping[str, Any], *, budget: int
+) -> dict[str, Any]:
+    """``extra`` (ours, small) plus as many of ``original`` as fit in ``budget`` bytes.
+
+    The contract's own headers go first, then the rest in order; what does not
+    fit, or does not encode, is dropped and counted in ``headers-dropped``.
+    """
+    headers = dict(extra)
+    used = _encoded_size(headers)
+    contract = {v for k, v in vars(HEADERS).items() if k.isupper()}
+    ordered = sorted(original.items(), key=lambda kv: kv[0] not in contract)
+    dropped = 0
+    for name, value in ordered:
+        if name in headers:
+            continue
+        size = _encoded_size({name: value})
+        if size < 0 or used + size > budget:
+            dropped += 1
+            continue
+        headers[name] = value
+        used += size
+    if dropped:
+        headers[DEAD_HEADERS.HEADERS_DROPPED] = dropped
+    return headers
+
+
+def _encoded_size(table: Mapping[str, Any]) -> int:
+    try:
+        return len(encode.field_table(dict(table)))
+    except (TypeError, ValueError, OverflowError, RecursionError, UnicodeError):
+        return -1
+
+
 def dead_letter_message(
-    incoming: AbstractIncomingMessage, extra_headers: Mapping[str, Any]
+    incoming: AbstractIncomingMessage,
+    extra_headers: Mapping[str, Any],
+    *,
+    reply: bytes | None = None,
+    frame_max: int = _FRAME_MAX,
 ) -> Outgoing:
-    """A copy of the original job, body and properties, with the error headers added."""
-    headers = dict(incoming.headers or {})
-    headers.update(extra_headers)
+    """A copy of the original job, body and properties, with the error headers added.
+
+    Bounded whatever the input: the original headers are kept as far as
+    :func:`header_budget` allows, and an undelivered ``reply`` travels in a
+    header only when small, else after the job's body (``reply-offset``).
+    """
+    extra = dict(extra_headers)
+    body = incoming.body
+    if reply is not None:
+        if len(reply) <= REPLY_IN_HEADER:
+            # Header tables can't hold raw bytes; the envelope is UTF-8 JSON.
+            extra[DEAD_HEADERS.REPLY] = reply.decode("utf-8", "replace")
+        else:
+            extra[DEAD_HEADERS.REPLY_OFFSET] = len(body)
+            body = body + reply
+    headers = bounded_headers(incoming.headers or {}, extra, budget=header_budget(frame_max))
     return Outgoing(
-        incoming.body,
+        body,
         Basic.Properties(
             content_type=incoming.content_type,
             content_encoding=incoming.content_encoding,

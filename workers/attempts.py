@@ -299,9 +299,7 @@ class Dispatcher:
         now = self._clock()
         attempt = router.begin(choice.endpoint, work=work, now=now, model=choice.model)
         try:
-            timeout = router.attempt_timeout(
-                choice.endpoint, work=work, remaining_s=deadline - now
-            )
+            timeout = router.attempt_timeout(choice.endpoint, work=work, remaining_s=deadline - now)
             body = orjson.dumps({**job.body, "model": choice.upstream_model})
             reply = await self._upstream.complete(
                 self._targets[choice.endpoint],

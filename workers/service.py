@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import random
@@ -26,13 +27,20 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustC
 from schemas.codec import Delivery, Job, Rejected, decode_job, encode_reply, error_body
 from schemas.contract import DEAD_HEADERS
 from schemas.errors import ErrorCode
-from schemas.settings import Settings
+from schemas.settings import ModelSettings, Settings
 from schemas.topology import plan
-from workers.amqp import Publisher, connect, dead_letter_message, reply_message
+from workers.amqp import (
+    Publisher,
+    connect,
+    dead_letter_message,
+    minimal_dead_letter,
+    reply_message,
+)
 from workers.attempts import Dispatcher, Failed, Served
 from workers.errors import BrokerFailure, Unroutable
 from workers.events import JobDone, ObservedBudget, Spent
 from workers.routing import EndpointSpec, Router, RoutingConfig, disposition
+from workers.routing.admission import Admission, ModelLimits
 from workers.telemetry import Telemetry
 from workers.upstream import Target, Upstream, make_upstream
 
@@ -67,6 +75,27 @@ class _Outcome:
     job: Job | None = None
     routing: dict[str, Any] | None = None
     duplicate: bool = False
+    reply_to: str | None = None
+    """Where the reply may go: the job's ``reply_to`` once admitted, else None."""
+
+
+def admission(settings: Settings) -> Admission:
+    """The worker's intake rules, from its settings."""
+    topo = settings.topology
+    tenancy = settings.tenancy
+    return Admission(
+        reply_queues=settings.worker.reply_queues,
+        own_queues=(topo.dead_queue, *(topo.queue_name(c) for c in topo.classes)),
+        own_prefixes=(topo.queue_prefix, f"{topo.state_exchange}."),
+        users=tenancy.users,
+        trust_header_from=tenancy.trust_header_from,
+        default_tenant=tenancy.default,
+        limits={
+            name: ModelLimits(m.max_output_tokens, m.max_n)
+            for name in settings.served_models()
+            for m in [settings.models.get(name) or ModelSettings()]
+        },
+    )
 
 
 class Worker:
@@ -112,10 +141,11 @@ class Worker:
         )
         budget.hook = self.telemetry.hook
         self._defaults = {k: c.default_sla_ms for k, c in settings.topology.classes.items()}
+        self.admission = admission(settings)
         self._hedge = {k: c.hedge for k, c in settings.topology.classes.items()}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._recent: OrderedDict[tuple[str, int], bytes] = OrderedDict()
-        self._inflight: dict[tuple[str, int], asyncio.Future[_Outcome]] = {}
+        self._recent: OrderedDict[tuple[str, int, bytes], bytes] = OrderedDict()
+        self._inflight: dict[tuple[str, int, bytes], asyncio.Future[_Outcome]] = {}
         self._consumers: list[tuple[AbstractQueue, str]] = []
         self._consume_conn: AbstractRobustConnection | None = None
         self._publish_conn: AbstractRobustConnection | None = None
@@ -245,13 +275,19 @@ class Worker:
                 content_encoding=message.content_encoding,
                 headers=message.headers or {},
                 timestamp_ms=int(ts.timestamp() * 1000) if ts is not None else None,
+                user_id=message.user_id,
             ),
             now_ms=now_ms,
             default_sla_ms=self._defaults,
             max_body_bytes=self.settings.worker.max_body_bytes,
+            max_sla_ms=self.settings.worker.max_sla_ms,
         )
+        allowed = self.admission.reply_allowed
         if isinstance(decoded, Rejected):
-            return self._failure(decoded.job_id, decoded.code, decoded.message, None, 0)
+            reply_to = decoded.reply_to if decoded.reply_to and allowed(decoded.reply_to) else None
+            return self._failure(
+                decoded.job_id, decoded.code, decoded.message, None, 0, None, reply_to
+            )
         job = decoded
         if job.reply_to is None:
             # Nobody could read the answer: don't pay an upstream for it.
@@ -262,11 +298,25 @@ class Worker:
                 None,
                 0,
             )
-        key = (job.job_id, job.replay_count)
+        if not allowed(job.reply_to):
+            # Replying there would write, on the producer's behalf, where it may not.
+            return self._failure(
+                job.job_id,
+                ErrorCode.INVALID_REQUEST,
+                f"reply_to {job.reply_to[:100]!r} is not a reply queue"
+                " (worker.reply_queues lists the allowed names)",
+                None,
+                0,
+            )
+        job = replace(job, tenant=self.admission.tenant(job.user_id, job.tenant))
+        # A cached or running answer is shared only with the same request: same
+        # body, reply queue, broker user and tenant. Another request that reuses
+        # a known job id runs on its own and never sees the first one's answer.
+        key = (job.job_id, job.replay_count, _fingerprint(message.body, job))
         cached = self._recent.get(key)
         if cached is not None:
             self.stats.duplicates += 1
-            return _Outcome(job.job_id, cached, job=job, duplicate=True)
+            return _Outcome(job.job_id, cached, job=job, duplicate=True, reply_to=job.reply_to)
         original = self._inflight.get(key)
         if original is not None:
             # A redelivery (lost ack, reconnect) of a job this worker is still
@@ -289,6 +339,8 @@ class Worker:
         finally:
             if self._inflight.get(key) is future:
                 del self._inflight[key]
+        if outcome.code is None:
+            self._remember(key, outcome.reply)
         future.set_result(outcome)
         return outcome
 
@@ -333,6 +385,13 @@ class Worker:
                 job,
             )
         routing["model"] = model
+        too_much = self.admission.limit(model, job.output_cap, job.n)
+        if too_much is not None:
+            return self._failure(job.job_id, ErrorCode.INVALID_REQUEST, too_much, routing, 0, job)
+        if job.output_cap is None:
+            cap = self.admission.output_cap(model, None)
+            if cap is not None:  # the model's limit holds for jobs that did not say
+                job = replace(job, body={**job.body, "max_completion_tokens": cap}, output_cap=cap)
         over = self.telemetry.budgets.check(model, job.tenant)
         if over is not None:
             return self._failure(job.job_id, ErrorCode.OVER_BUDGET, over, routing, 0, job)
@@ -377,8 +436,14 @@ class Worker:
             cost_usd=cost,
         )
         body = encode_reply(job.job_id, response=served.reply.body, routing=routing)
-        self._remember((job.job_id, job.replay_count), body)
-        return _Outcome(job.job_id, body, attempts=served.attempts, job=job, routing=routing)
+        return _Outcome(
+            job.job_id,
+            body,
+            attempts=served.attempts,
+            job=job,
+            routing=routing,
+            reply_to=job.reply_to,
+        )
 
     def _failure(
         self,
@@ -388,11 +453,13 @@ class Worker:
         routing: dict[str, Any] | None,
         attempts: int,
         job: Job | None = None,
+        reply_to: str | None = None,
     ) -> _Outcome:
         body = encode_reply(job_id, error=error_body(code, message), routing=routing)
-        return _Outcome(job_id, body, code, message, attempts, job, routing)
+        to = job.reply_to if job is not None else reply_to
+        return _Outcome(job_id, body, code, message, attempts, job, routing, reply_to=to)
 
-    def _remember(self, key: tuple[str, int], body: bytes) -> None:
+    def _remember(self, key: tuple[str, int, bytes], body: bytes) -> None:
         # A copy: orjson's result keeps a ~4 KB allocation whatever its length,
         # which would make this cache ~8x larger than its contents.
         self._recent[key] = bytes(memoryview(body))
@@ -402,10 +469,11 @@ class Worker:
     async def _settle(self, message: AbstractIncomingMessage, outcome: _Outcome) -> None:
         """Carry out the core's disposition: reply, dead letter, then ack, each confirmed."""
         assert self._publisher is not None
-        plan = disposition(outcome.code, has_reply_to=bool(message.reply_to))
+        plan = disposition(outcome.code, has_reply_to=outcome.reply_to is not None)
         extra: dict[str, Any] = {}
+        undelivered: bytes | None = None
         job = outcome.job
-        if plan.reply and message.reply_to:
+        if plan.reply and outcome.reply_to:
             reply = reply_message(
                 outcome.reply,
                 correlation_id=message.correlation_id or message.message_id,
@@ -416,15 +484,12 @@ class Worker:
                 await self._publisher.publish(
                     reply,
                     exchange="",
-                    routing_key=message.reply_to,
+                    routing_key=outcome.reply_to,
                 )
             except Unroutable:
                 plan = disposition(outcome.code, has_reply_to=True, reply_unroutable=True)
-                # Header tables can't hold raw bytes; the envelope is UTF-8 JSON.
-                extra = {
-                    "reply-error": "reply_to queue does not exist",
-                    "reply": outcome.reply.decode(),
-                }
+                extra = {DEAD_HEADERS.REPLY_ERROR: "reply_to queue does not exist"}
+                undelivered = outcome.reply
         if plan.dead_letter:
             assert plan.code is not None
             await self._dead_letter(
@@ -433,6 +498,7 @@ class Worker:
                 outcome.message or "the reply could not be delivered",
                 outcome.attempts,
                 extra,
+                undelivered,
             )
         try:
             await message.ack()
@@ -474,22 +540,41 @@ class Worker:
         error: str,
         attempts: int,
         extra: dict[str, Any],
+        reply: bytes | None = None,
     ) -> None:
-        assert self._publisher is not None
+        """Publish the dead letter; if the broker will not take it, a minimal one.
+
+        The rule that keeps this from looping: the full copy (bounded headers),
+        then once the copy without the job's own headers and the reply; if that
+        fails too, :class:`BrokerFailure` requeues the job, and its delivery
+        limit ends it in the broker's own dead-lettering.
+        """
+        publisher = self._publisher
+        assert publisher is not None
         headers = {
             DEAD_HEADERS.ERROR_CODE: code.value,
             DEAD_HEADERS.ERROR: error[:1000],
             DEAD_HEADERS.ATTEMPTS: attempts,
             DEAD_HEADERS.FAILED_AT: int(time.time() * 1000),
-            DEAD_HEADERS.WORKER: self.name,
-            DEAD_HEADERS.SLA_CLASS: message.routing_key or "",
+            DEAD_HEADERS.WORKER: self.name[:255],
+            DEAD_HEADERS.SLA_CLASS: (message.routing_key or "")[:255],
             **extra,
         }
-        await self._publisher.publish(
-            dead_letter_message(message, headers),
-            exchange=self.settings.topology.dead_exchange,
-            routing_key=message.routing_key or "",
-        )
+        exchange = self.settings.topology.dead_exchange
+        key = (message.routing_key or "")[:255]
+        try:
+            await publisher.publish(
+                dead_letter_message(message, headers, reply=reply, frame_max=publisher.frame_max),
+                exchange=exchange,
+                routing_key=key,
+            )
+        except BrokerFailure as exc:
+            log.warning(
+                "job %s: dead letter refused (%s); sending a minimal one", message.message_id, exc
+            )
+            await publisher.publish(
+                minimal_dead_letter(message, headers), exchange=exchange, routing_key=key
+            )
         self.stats.dead_letters += 1
 
     async def _requeue(self, message: AbstractIncomingMessage) -> None:
@@ -506,12 +591,14 @@ class Worker:
         count = (message.headers or {}).get("x-delivery-count", 0)
         limit = self.settings.topology.delivery_limit
         if isinstance(count, int) and count >= limit:
+            to = message.reply_to
             outcome = self._failure(
                 message.message_id,
                 ErrorCode.INTERNAL_ERROR,
                 f"the worker failed on this job {count + 1} times",
                 None,
                 0,
+                reply_to=to if to and self.admission.reply_allowed(to) else None,
             )
             with contextlib.suppress(Exception):
                 await self._settle(message, outcome)
@@ -547,6 +634,14 @@ class Worker:
             "stopping": self._stopping,
             "state_shared": self.telemetry.sharing,
         }
+
+
+def _fingerprint(body: bytes, job: Job) -> bytes:
+    """What makes two deliveries under one job id the same request."""
+    digest = hashlib.blake2b(body, digest_size=16)
+    for part in (job.reply_to, job.user_id, job.tenant, job.model, job.sla_class):
+        digest.update(b"\x00" + (part or "").encode("utf-8", "surrogatepass"))
+    return digest.digest()
 
 
 def _seconds(routing: dict[str, Any] | None, key: str) -> float | None:

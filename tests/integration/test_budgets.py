@@ -37,6 +37,8 @@ async def test_alerts_fire_once_per_threshold_and_the_hard_cap_stops_calls(
                 "tenants": {"acme": {"monthly_usd": 10_000}},
             },
             metrics={"port": 0},
+            # The tenant header is believed only from broker users the operator names.
+            tenancy={"trust_header_from": ["guest"]},
         )
         worker = Worker(settings, name="budget-worker")
         await worker.start()
@@ -46,10 +48,10 @@ async def test_alerts_fire_once_per_threshold_and_the_hard_cap_stops_calls(
         try:
             ids: list[str] = []
             for _ in range(10):
-                ids.append(await caller.publish(chat(), headers={"tenant": "acme"}))
+                ids.append(await caller.publish(chat(), headers={"tenant": "acme"}, user_id="guest"))
                 await caller.wait_for(lambda: ids[-1] in caller.replies)
             assert fleet.stats()["a"].requests == 10
-            over = await caller.publish(chat(), headers={"tenant": "acme"})
+            over = await caller.publish(chat(), headers={"tenant": "acme"}, user_id="guest")
             await caller.wait_for(lambda: over in caller.replies and len(caller.dead) == 1)
             requests = fleet.stats()["a"].requests
             assert worker.metrics_port is not None
