@@ -70,6 +70,7 @@ class Caller:
         reply: bool = True,
         routing_key: str = "interactive",
         headers: dict[str, Any] | None = None,
+        reply_to: str | None = None,
         **properties: Any,
     ) -> str:
         job_id = job_id or uuid.uuid4().hex
@@ -80,7 +81,7 @@ class Caller:
                 raw,
                 message_id=job_id,
                 correlation_id=job_id,
-                reply_to=self.reply_queue if reply else None,
+                reply_to=reply_to or (self.reply_queue if reply else None),
                 content_type=properties.pop("content_type", "application/json"),
                 headers=headers or {},
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
