@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import aio_pika
 import aiormq
@@ -43,12 +44,17 @@ class LlmqClient:
         default_sla_ms: int = 30_000,
         max_unconfirmed: int = 256,
         tenant: str | None = None,
+        user_id: str | None = None,
     ) -> None:
+        """``user_id`` (default: the URL's user) is sent on every job; RabbitMQ checks
+        it against the connection's user, so workers can trust it to name the tenant
+        (docs/security.md). Pass ``""`` to send none (e.g. with EXTERNAL auth)."""
         self._url = url
         self._exchange_name = exchange
         self._default_sla_ms = default_sla_ms
         self._unconfirmed = asyncio.Semaphore(max_unconfirmed)
         self._tenant = tenant
+        self._user_id = _broker_user(url) if user_id is None else (user_id or None)
         self._connection: AbstractRobustConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._exchange: aio_pika.abc.AbstractExchange | None = None
@@ -145,6 +151,7 @@ class LlmqClient:
             message_id=job_id,
             correlation_id=correlation_id or job_id,
             reply_to=reply_to or self.reply_queue,
+            user_id=self._user_id,
             content_type=CONTENT_TYPE,
             delivery_mode=DeliveryMode.PERSISTENT,
             headers=h,
@@ -225,3 +232,11 @@ class LlmqClient:
             raise error_for(reply)
         response: dict[str, Any] = reply["response"]
         return response
+
+
+def _broker_user(url: str) -> str | None:
+    """The user a URL authenticates as with PLAIN auth, else None."""
+    parts = urlsplit(url)
+    if "external" in parse_qs(parts.query).get("auth", [""])[0].lower():
+        return None
+    return unquote(parts.username) if parts.username else None

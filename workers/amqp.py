@@ -256,12 +256,14 @@ def dead_letter_message(
     *,
     reply: bytes | None = None,
     frame_max: int = _FRAME_MAX,
+    omit: frozenset[str] = frozenset(),
 ) -> Outgoing:
     """A copy of the original job, body and properties, with the error headers added.
 
     Bounded whatever the input: the original headers are kept as far as
     :func:`header_budget` allows, and an undelivered ``reply`` travels in a
     header only when small, else after the job's body (``reply-offset``).
+    The job's headers named in ``omit`` are not copied.
     """
     extra = dict(extra_headers)
     body = incoming.body
@@ -272,7 +274,8 @@ def dead_letter_message(
         else:
             extra[DEAD_HEADERS.REPLY_OFFSET] = len(body)
             body = body + reply
-    headers = bounded_headers(incoming.headers or {}, extra, budget=header_budget(frame_max))
+    original = {k: v for k, v in (incoming.headers or {}).items() if k not in omit}
+    headers = bounded_headers(original, extra, budget=header_budget(frame_max))
     return Outgoing(
         body,
         Basic.Properties(

@@ -25,7 +25,7 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from schemas.codec import Delivery, Job, Rejected, decode_job, encode_reply, error_body
-from schemas.contract import DEAD_HEADERS
+from schemas.contract import DEAD_HEADERS, HEADERS
 from schemas.errors import ErrorCode
 from schemas.settings import ModelSettings, Settings
 from schemas.topology import plan
@@ -49,6 +49,7 @@ __all__ = ["Worker", "WorkerStats"]
 log = logging.getLogger("llmq.worker")
 
 _RECENT_REPLIES = 10_000
+_TENANT = frozenset({HEADERS.TENANT})
 
 
 @dataclass(slots=True)
@@ -499,6 +500,7 @@ class Worker:
                 outcome.attempts,
                 extra,
                 undelivered,
+                job,
             )
         try:
             await message.ack()
@@ -541,6 +543,7 @@ class Worker:
         attempts: int,
         extra: dict[str, Any],
         reply: bytes | None = None,
+        job: Job | None = None,
     ) -> None:
         """Publish the dead letter; if the broker will not take it, a minimal one.
 
@@ -560,11 +563,22 @@ class Worker:
             DEAD_HEADERS.SLA_CLASS: (message.routing_key or "")[:255],
             **extra,
         }
+        omit: frozenset[str] = frozenset()
+        if job is not None:
+            # The tenant the job was billed to, not the one it claimed: a replay by
+            # a trusted operator then bills the same tenant again.
+            if job.tenant is None:
+                omit = _TENANT
+            else:
+                headers[HEADERS.TENANT] = job.tenant
         exchange = self.settings.topology.dead_exchange
         key = (message.routing_key or "")[:255]
         try:
+            letter = dead_letter_message(
+                message, headers, reply=reply, frame_max=publisher.frame_max, omit=omit
+            )
             await publisher.publish(
-                dead_letter_message(message, headers, reply=reply, frame_max=publisher.frame_max),
+                letter,
                 exchange=exchange,
                 routing_key=key,
             )

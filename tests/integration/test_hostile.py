@@ -18,6 +18,7 @@ import orjson
 import pytest
 from harness import Caller, chat, running_fleet
 
+from producers.client import LlmqClient
 from schemas.settings import Settings
 from workers.service import Worker
 
@@ -227,3 +228,31 @@ async def test_dead_letters_stay_far_below_the_frame_limit(
     assert orjson.loads(second.body[:offset])["model"] == "m1"  # the job, replayable
     assert orjson.loads(second.body[offset:])["status"] == "ok"  # the paid-for answer
     assert reconnects == 0 and worker.stats.requeued == 0
+
+
+async def test_llmq_client_jobs_are_billed_to_its_broker_users_tenant(
+    make_settings: Callable[..., Settings], connection: aio_pika.abc.AbstractConnection
+) -> None:
+    """LlmqClient sends its broker user as ``user_id`` (RabbitMQ checks it), so a
+    tenant claimed in the header does not move the bill."""
+    async with running_fleet({"name": "a", "models": ["m1"], "output_tokens": 10}) as fleet:
+        endpoints = make_settings(fleet).model_dump()["endpoints"]
+        for e in endpoints:
+            e.update(api_key_env="LLMQ_TEST_FLEET_KEY", output_per_mtok=1_000)
+        settings = make_settings(
+            fleet,
+            endpoints=endpoints,
+            budgets={"tenants": {"acme": {"monthly_usd": 100}, "globex": {"monthly_usd": 100}}},
+            tenancy={"users": {"guest": "acme"}},
+        )
+        async with started(settings, connection) as (worker, _):
+            async with LlmqClient(
+                settings.broker.url.get_secret_value(), **client_names(settings)
+            ) as client:
+                await client.complete("m1", [{"role": "user", "content": "hi"}], tenant="globex")
+            spent = {b["name"]: b["spent_usd"] for b in worker.telemetry.budgets.view()}
+    assert spent["acme"] > 0 and spent["globex"] == 0
+
+
+def client_names(settings: Settings) -> dict[str, Any]:
+    return {"exchange": settings.topology.jobs_exchange}
