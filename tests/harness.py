@@ -197,6 +197,8 @@ class Ledger:
     published: set[str] = field(default_factory=set)
     replies: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     dead: dict[str, int] = field(default_factory=dict)
+    dead_only: set[str] = field(default_factory=set)
+    """Published jobs whose reply has nowhere it may go: they end as a dead letter only."""
 
     def reply(self, job_id: str, envelope: dict[str, Any]) -> None:
         self.replies.setdefault(job_id, []).append(envelope)
@@ -211,7 +213,7 @@ class Ledger:
 
     @property
     def lost(self) -> set[str]:
-        return self.published - set(self.replies)
+        return self.published - set(self.replies) - (self.dead_only & set(self.dead))
 
     def settled(self) -> bool:
         """Every job replied, and every failed one dead-lettered."""
@@ -228,6 +230,7 @@ class Ledger:
         assert self.lost == set(), f"lost jobs: {sorted(self.lost)[:10]}"
         assert self.failed_without_dead_letter() == set()
         assert set(self.replies) <= self.published  # nothing unexpected
+        assert not (self.dead_only & set(self.replies)), "a reply went where it may not"
 
     def summary(self) -> dict[str, Any]:
         ok = sum(1 for rs in self.replies.values() if any(r["status"] == "ok" for r in rs))
@@ -236,7 +239,7 @@ class Ledger:
             "fault": self.fault,
             "published": len(self.published),
             "ok": ok,
-            "errors": len(self.replies) - ok,
+            "errors": len(self.replies) - ok + len(self.dead_only & set(self.dead)),
             "dead_letters": sum(self.dead.values()),
             "duplicates": sum(len(rs) - 1 for rs in self.replies.values())
             + sum(n - 1 for n in self.dead.values()),

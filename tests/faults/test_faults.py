@@ -347,3 +347,100 @@ async def test_memory_alarm(
             await settle(ledger, timeout=120)
         assert worker.stats.ok >= 200
     ledger.check()
+
+
+# --- hostile input under load ---------------------------------------------------
+
+GOOD = {"model": "m1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
+DEEP = (
+    b'{"model":"m1","messages":[{"role":"user","content":"hi"}],"x":'
+    + b"[" * 300
+    + b"1"
+    + b"]" * 300
+    + b"}"
+)
+
+
+def hostile(settings: Settings, replies: str, now_ms: int) -> list[tuple[str, dict[str, Any]]]:
+    """(kind, message properties) of every hostile message this case sends; ``reply_to``
+    None means the job must end as a dead letter only."""
+    topo = settings.topology
+    fat = {f"h{i}": "v" * 1_000 for i in range(110)}
+    kinds: list[tuple[str, dict[str, Any]]] = [
+        ("unforwardable", {"body": DEEP}),
+        ("future_published", {"headers": {"published-ms": now_ms + 3_600_000}}),
+        ("huge_deadline", {"headers": {"deadline-ms": 2**53}}),
+        ("too_many_n", {"body": orjson.dumps({**GOOD, "n": 100})}),
+        ("spoofed_tenant", {"headers": {"tenant": "capped"}}),
+        ("fat_headers", {"headers": fat, "body": orjson.dumps({**GOOD, "model": "nope"})}),
+        ("reply_to_work_queue", {"reply_to": topo.queue_name("batch")}),
+        ("reply_to_dead_queue", {"reply_to": topo.dead_queue}),
+        ("reply_to_elsewhere", {"reply_to": "billing.jobs"}),
+    ]
+    return [(k, {"reply_to": replies, **p}) for k, p in kinds]
+
+
+async def test_hostile_input_mixed_with_load(
+    amqp_url: str,
+    make_settings: Callable[..., Settings],
+    connection: aio_pika.abc.AbstractConnection,
+    ledger: Ledger,
+) -> None:
+    """Nine classes of hostile messages (10 each) amid 300 normal jobs, two workers"""
+    async with running_fleet({"name": "a", "models": ["m1"]}) as fleet:
+        settings = make_settings(
+            fleet,
+            budgets={"tenants": {"capped": {"monthly_usd": 0.000001, "hard_cap": True}}},
+        )
+        async with (
+            worker_in_process(settings) as w1,
+            worker_in_process(settings) as w2,
+            collecting(amqp_url, settings, ledger) as replies,
+        ):
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(settings.topology.jobs_exchange)
+            bad: list[tuple[str, str]] = []
+            now_ms = int(time.time() * 1000)
+            for kind, template in hostile(settings, replies, now_ms) * 10:
+                job = f"{ledger.prefix}-{kind}-{uuid.uuid4().hex[:6]}"
+                props = dict(template)
+                body = props.pop("body", orjson.dumps(GOOD))
+                ledger.published.add(job)
+                if props["reply_to"] != replies:
+                    ledger.dead_only.add(job)
+                bad.append((kind, job))
+                await exchange.publish(
+                    aio_pika.Message(body, message_id=job, **props), routing_key="interactive"
+                )
+            await publish(amqp_url, settings, ledger, 300, replies)
+            await settle(ledger, timeout=90)
+            # After the storm: a normal job is answered at once, nothing is held.
+            probe = ledger.prefix + "-after"
+            ledger.published.add(probe)
+            await exchange.publish(
+                aio_pika.Message(orjson.dumps(GOOD), message_id=probe, reply_to=replies),
+                routing_key="interactive",
+            )
+            await settle(ledger, timeout=5)
+            now = time.monotonic()
+            held = [s.in_flight for w in (w1, w2) for s in w.router.snapshot(now=now)]
+            reconnects = w1.stats.reconnects + w2.stats.reconnects
+            await channel.close()
+    ledger.check()
+    assert ledger.summary()["duplicates"] == 0
+    assert held == [0, 0] and reconnects == 0
+    codes: dict[str, set[str | None]] = {}
+    for kind, job in bad:
+        [first, *_] = ledger.replies.get(job, [{"error": {"code": "(dead letter only)"}}])
+        codes.setdefault(kind, set()).add((first.get("error") or {}).get("code"))
+    assert codes == {
+        "unforwardable": {"invalid_request"},
+        "future_published": {"invalid_request"},
+        "huge_deadline": {None},  # clamped, then served
+        "too_many_n": {"invalid_request"},
+        "spoofed_tenant": {None},  # an untrusted claim: billed to no tenant, served
+        "fat_headers": {"unknown_model"},
+        "reply_to_work_queue": {"(dead letter only)"},
+        "reply_to_dead_queue": {"(dead letter only)"},
+        "reply_to_elsewhere": {"(dead letter only)"},
+    }
