@@ -48,7 +48,9 @@ async def test_alerts_fire_once_per_threshold_and_the_hard_cap_stops_calls(
         try:
             ids: list[str] = []
             for _ in range(10):
-                ids.append(await caller.publish(chat(), headers={"tenant": "acme"}, user_id="guest"))
+                ids.append(
+                    await caller.publish(chat(), headers={"tenant": "acme"}, user_id="guest")
+                )
                 await caller.wait_for(lambda: ids[-1] in caller.replies)
             assert fleet.stats()["a"].requests == 10
             over = await caller.publish(chat(), headers={"tenant": "acme"}, user_id="guest")

@@ -262,7 +262,9 @@ def test_deadline_headers_any_number(name: str, value: object) -> None:
         assert result.deadline_ms <= 2**53 + 7 * 24 * 3600 * 1000
 
 
-@pytest.mark.parametrize("depth", [1, 251, 252, 500, 1000, 1019, 1020, 1021, 1024, 1025, 1100, 100_000])
+@pytest.mark.parametrize(
+    "depth", [1, 251, 252, 500, 1000, 1019, 1020, 1021, 1024, 1025, 1100, 100_000]
+)
 def test_deep_nesting(depth: int) -> None:
     """orjson reads 1,024 levels of nesting and writes only 255: a body must survive both
     (the worker forwards it), else it is an ``invalid_request`` rejection at intake."""
