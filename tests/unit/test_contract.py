@@ -245,6 +245,10 @@ def test_contract_constants() -> None:
         "failed-at",
         "worker",
         "sla-class",
+        "reply-error",
+        "reply",
+        "reply-offset",
+        "headers-dropped",
     }
 
 
