@@ -13,16 +13,41 @@ budget travels with the spend and merges by ``max`` too, so a peer that hears
 of an alert does not repeat it. Two workers crossing the same threshold
 within one gossip interval may both alert.
 
+Hard caps hold under concurrency by **reservation**: before a call the
+worker reserves the job's worst-case cost (:meth:`SpendLedger.reserve`), and
+a hard-capped budget refuses it when the fleet's known spend + this worker's
+reservations in flight + the estimate would pass the limit; after the call
+the hold is settled at the actual cost (:meth:`SpendLedger.settle`) or
+released (:meth:`SpendLedger.release`). Reservations are this worker's own:
+they are not gossiped. So, if every job costs at most its estimate, the
+month's spend on a budget ends at most
+
+    limit + Σ over the *other* workers j of (R_j + G_j)
+
+where, at the moment of the fleet's last grant under that budget, R_j is
+worker j's reservations in flight and G_j the spend of j not yet heard by the
+granting worker (gossip lag: about one state interval's spend, or everything
+j spent this month for a worker that has not yet heard j). R_j is at most
+j's concurrent jobs × the largest estimate, and never more than the limit.
+One worker alone never passes the limit; W workers pass it by at most
+(W − 1) × one worker's in-flight estimate + the gossip lag. Any cost above
+its estimate adds to the overshoot one for one.
+
+Reservations survive a change of month: a hold made in July and settled in
+August counts against August's cap while in flight, and its cost is added
+to the month it is settled in (spend is counted when the upstream answers).
+
 Pure: the caller passes the month (``"2026-07"``, UTC) and does the I/O.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Alert", "Budget", "SpendLedger", "budget_key"]
+__all__ = ["NULL_HOLD", "Alert", "Budget", "Hold", "SpendLedger", "budget_key"]
 
 MODEL = "model"
 TENANT = "tenant"
@@ -58,6 +83,25 @@ class Alert:
     month: str
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Hold:
+    """Money reserved for one job in flight, until it is settled or released.
+
+    Compared (and hashed) by identity: two jobs reserving the same amount hold
+    two distinct reservations.
+    """
+
+    model: str | None
+    tenant: str | None
+    amount_usd: float
+    keys: tuple[str, ...]
+    """The hard-capped budgets reserved against (``model:…``, ``tenant:…``)."""
+
+
+NULL_HOLD = Hold(None, None, 0.0, ())
+"""A hold that reserves and records nothing: settling or releasing it is a no-op."""
+
+
 class SpendLedger:
     """One worker's view of the fleet's spend this month."""
 
@@ -68,6 +112,8 @@ class SpendLedger:
         "_by_tenant",
         "_counts",
         "_full_wanted",
+        "_holds",
+        "_reserved",
         "_thresholds",
         "_totals",
         "month",
@@ -92,9 +138,17 @@ class SpendLedger:
         self._totals: dict[str, float] = {}
         self._alerted: dict[str, float] = {}
         self._full_wanted = False
+        self._holds: set[Hold] = set()
+        """Holds in flight; not reset with the month (the calls are still running)."""
+        self._reserved: dict[str, list[float]] = {}
+        """Budget key → [USD reserved in flight, number of holds]: the count lets the
+        sum return to exactly 0 when the last hold goes, whatever the float error."""
 
     def __repr__(self) -> str:
-        return f"<SpendLedger {self.month} origins={len(self._counts)} totals={self._totals}>"
+        return (
+            f"<SpendLedger {self.month} origins={len(self._counts)} totals={self._totals}"
+            f" holds={len(self._holds)}>"
+        )
 
     def __bool__(self) -> bool:
         """Whether any budget is configured (else there is nothing to track)."""
@@ -107,6 +161,16 @@ class SpendLedger:
     def spent(self, key: str) -> float:
         """The fleet's spend this month under ``key``, as far as this worker knows."""
         return self._totals.get(key, 0.0)
+
+    def reserved(self, key: str) -> float:
+        """USD this worker has reserved under ``key`` for jobs in flight."""
+        entry = self._reserved.get(key)
+        return 0.0 if entry is None else entry[0]
+
+    @property
+    def holds(self) -> int:
+        """Holds in flight (neither settled nor released yet)."""
+        return len(self._holds)
 
     def _roll(self, month: str) -> None:
         if month != self.month:
@@ -130,13 +194,81 @@ class SpendLedger:
                 return budget
         return None
 
+    def _capped(self, model: str | None, tenant: str | None) -> list[Budget]:
+        found = []
+        for budget in (
+            self._by_model.get(model) if model is not None else None,
+            self._by_tenant.get(tenant) if tenant is not None else None,
+        ):
+            if budget is not None and budget.hard_cap:
+                found.append(budget)
+        return found
+
+    def reserve(
+        self, *, model: str | None, tenant: str | None, estimate_usd: float, month: str
+    ) -> Hold | Budget:
+        """Reserve a job's worst-case cost, or the hard-capped budget that refuses it.
+
+        A capped budget refuses when its spend + reservations in flight reach
+        its limit, or when adding ``estimate_usd`` would pass it. An estimate
+        that is not a finite number is refused by any capped budget (it cannot
+        be bounded); a negative one counts as 0. Every hold returned must be
+        settled or released exactly once; doing it again is a no-op.
+        """
+        self._roll(month)
+        capped = self._capped(model, tenant)
+        finite = math.isfinite(estimate_usd)
+        amount = max(0.0, estimate_usd) if finite else 0.0
+        for budget in capped:
+            committed = self.spent(budget.key) + self.reserved(budget.key)
+            if not finite or committed >= budget.limit_usd:
+                return budget
+            if committed + amount > budget.limit_usd:
+                return budget
+        hold = Hold(model, tenant, amount, tuple(b.key for b in capped))
+        self._holds.add(hold)
+        for key in hold.keys:
+            entry = self._reserved.setdefault(key, [0.0, 0])
+            entry[0] += amount
+            entry[1] += 1
+        return hold
+
+    def release(self, hold: Hold) -> bool:
+        """Drop a hold without cost (no upstream work was done); False if already gone."""
+        if hold not in self._holds:
+            return False
+        self._holds.remove(hold)
+        for key in hold.keys:
+            entry = self._reserved[key]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._reserved[key]
+            else:
+                entry[0] = max(0.0, entry[0] - hold.amount_usd)
+        return True
+
+    def settle(
+        self, hold: Hold, cost_usd: float, *, month: str, model: str | None = None
+    ) -> list[Alert]:
+        """The job's calls are over at ``cost_usd``: release the hold, record the cost.
+
+        ``model`` is the model that served the job when it is not the one
+        reserved for (a fallback); its spend counts there. A hold settled or
+        released before records nothing, so a caller's ``finally`` cannot
+        count a job twice. Returns the alerts the cost set off.
+        """
+        if not self.release(hold):
+            return []
+        served = hold.model if model is None else model
+        return self.record(model=served, tenant=hold.tenant, cost_usd=cost_usd, month=month)
+
     def record(
         self, *, model: str | None, tenant: str | None, cost_usd: float, month: str
     ) -> list[Alert]:
         """This worker spent ``cost_usd`` on a job; returns the alerts it set off."""
         self._roll(month)
         alerts: list[Alert] = []
-        if cost_usd <= 0:
+        if not 0 < cost_usd < math.inf:  # NaN and inf would poison the totals and gossip
             return alerts
         for budget in (
             self._by_model.get(model) if model is not None else None,
