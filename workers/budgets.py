@@ -1,4 +1,12 @@
-"""Monthly budgets on the worker: check before calling, record after, alert, gossip.
+"""Monthly budgets on the worker: reserve before calling, settle after, alert, gossip.
+
+A job reserves its worst-case cost (:meth:`BudgetKeeper.reserve`, estimated
+with :func:`workers.routing.pricing.estimate_usd`) before any upstream call
+and settles the hold at the actual cost (:meth:`BudgetKeeper.settle`) or
+releases it (:meth:`BudgetKeeper.release`) in a ``finally``; so concurrent
+jobs cannot all pass a hard cap that one of them exhausts. The bound on what
+the fleet can still overshoot is in :mod:`workers.routing.spend`.
+``check``/``spend`` are the older check-before, charge-after pair.
 
 The arithmetic is :class:`workers.routing.spend.SpendLedger` (pure); this
 module gives it the clock (the UTC month), turns its alerts into
@@ -17,9 +25,9 @@ from typing import Any
 
 from schemas.settings import BudgetsSettings
 from workers.events import NOOP, BudgetAlert, Hook
-from workers.routing.spend import Alert, Budget, SpendLedger
+from workers.routing.spend import NULL_HOLD, Alert, Budget, Hold, SpendLedger
 
-__all__ = ["BudgetKeeper", "month_of"]
+__all__ = ["NULL_HOLD", "BudgetKeeper", "Hold", "month_of"]
 
 
 def month_of(epoch_s: float) -> str:
@@ -64,6 +72,46 @@ class BudgetKeeper:
             f"the monthly budget of {budget.scope} {budget.name!r}"
             f" ({budget.limit_usd:.2f} USD) is spent"
         )
+
+    def reserve(self, model: str, tenant: str | None, estimate_usd: float) -> Hold | str:
+        """Reserve a job's worst-case cost; or why it may not run (a hard cap).
+
+        The hold must be settled (:meth:`settle`) or released (:meth:`release`)
+        on every path. Without budgets this returns the shared :data:`NULL_HOLD`.
+        """
+        if not self.enabled:
+            return NULL_HOLD
+        got = self.ledger.reserve(
+            model=model, tenant=tenant, estimate_usd=estimate_usd, month=month_of(self._clock())
+        )
+        if isinstance(got, Hold):
+            return got
+        limit = f"the monthly budget of {got.scope} {got.name!r} ({got.limit_usd:.2f} USD)"
+        if self.ledger.spent(got.key) >= got.limit_usd:
+            return f"{limit} is spent"
+        # Neither this spend nor the reservations are the caller's to see: only
+        # their own job's worst case, and that the budget cannot take it now.
+        return (
+            f"{limit} cannot cover this job's worst-case cost ({estimate_usd:.4f} USD)"
+            " with what is already spent and reserved"
+        )
+
+    def settle(self, hold: Hold, cost_usd: float | None, *, model: str | None = None) -> None:
+        """The job's upstream calls are over at ``cost_usd`` (None: not reported).
+
+        Releases the hold and adds the cost to this month's spend, under
+        ``model`` when a fallback served the job. Settling or releasing a hold
+        a second time does nothing.
+        """
+        if hold is NULL_HOLD:
+            return
+        month = month_of(self._clock())
+        self._alert(self.ledger.settle(hold, cost_usd or 0.0, month=month, model=model))
+
+    def release(self, hold: Hold) -> None:
+        """Drop a hold without cost: the job made no upstream call that may be billed."""
+        if hold is not NULL_HOLD:
+            self.ledger.release(hold)
 
     def spend(self, model: str, tenant: str | None, cost_usd: float | None) -> None:
         """An upstream answered at ``cost_usd``: add it to this month's spend."""
