@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import aio_pika
 import pytest
-from harness import FLEET_KEY
+from harness import FLEET_KEY, TEST_REPLY_QUEUES
 from hypothesis import settings
 
 from schemas.settings import Settings, load_settings
@@ -29,8 +29,6 @@ from workers.fleet import Fleet
 settings.register_profile("ci", derandomize=True, deadline=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
-
-TEST_REPLY_QUEUES = ("llmq.reply.*", "reply.*", "*replies*", "no-such-queue")
 
 BROKER_HOST = os.environ.get("LLMQ_TEST_BROKER_HOST", "127.0.0.1")
 
@@ -113,8 +111,6 @@ def make_settings(
                 }
             )
         topology = {**names, "delivery_limit": 3, **sections.pop("topology", {})}
-        # The reply queues these tests declare; the default (llmq.reply.*) is
-        # what LlmqClient creates, and tests/integration/test_hostile.py checks it.
         sections["worker"] = {"reply_queues": TEST_REPLY_QUEUES, **sections.get("worker", {})}
         return load_settings(
             None,

@@ -22,6 +22,9 @@ from schemas.settings import Settings
 from workers.fleet import Fleet, Scenario
 
 FLEET_KEY = "sk-test-fleet-key-0123456789"
+TEST_REPLY_QUEUES = ("llmq.reply.*", "reply.*", "r.*", "tp.*", "*replies*", "no-such-queue")
+"""The reply queues the tests declare; the default (llmq.reply.*) is what LlmqClient
+creates, and tests/integration/test_hostile.py checks that others are refused."""
 
 
 @asynccontextmanager
@@ -118,6 +121,7 @@ def write_worker_config(
     lines = ["[broker]", f'url = "{amqp_url}"', "[topology]"]
     lines += [f'{k} = "{v}"' for k, v in names.items()]
     lines += ["delivery_limit = 3", "[worker]"]
+    worker = {"reply_queues": list(TEST_REPLY_QUEUES), **worker}
     lines += [f"{k} = {json.dumps(v)}" for k, v in worker.items()]
     for name, url in endpoints.items():
         lines += [

@@ -16,7 +16,7 @@ from harness import Caller, chat, running_fleet
 from ops_helpers import eventually, get, priced, value
 from prometheus_client.parser import text_string_to_metric_families
 
-from producers.gateway import start_gateway
+from producers.gateway import metrics_port, start_gateway
 from schemas.settings import Settings
 from workers.service import Worker
 
@@ -82,6 +82,7 @@ async def test_metrics_show_every_family_after_jobs(
             endpoints=priced(fleet),
             metrics={"port": 0, "max_tenants": 1},
             worker={"max_body_bytes": 2048},
+            tenancy={"trust_header_from": ["*"]},  # tenants as the jobs claim them
         )
         async with started(settings, connection) as (worker, caller):
             assert worker.metrics_port
@@ -159,7 +160,9 @@ async def test_reply_carries_traceparent_and_errors_are_logged(
 ) -> None:
     """The reply has the job's traceparent header; an error is one structured log line."""
     async with running_fleet({"name": "a", "models": ["m1"]}) as fleet:
-        settings = make_settings(fleet, metrics={"enabled": False})
+        settings = make_settings(
+            fleet, metrics={"enabled": False}, tenancy={"trust_header_from": ["*"]}
+        )
         async with started(settings, connection) as (worker, _):
             assert worker.metrics_port is None
             channel = await connection.channel()
@@ -204,15 +207,18 @@ async def test_reply_carries_traceparent_and_errors_are_logged(
 async def test_gateway_serves_metrics(
     make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The gateway's /metrics counts requests by route and status, with a latency histogram."""
+    """The gateway's /metrics (on its metrics port) counts requests by route and status,
+    with a latency histogram."""
     monkeypatch.delenv("LLMQ_GATEWAY_KEYS", raising=False)
     async with running_fleet({"name": "a", "models": ["m1"]}) as fleet:
-        settings = make_settings(fleet, gateway={"require_auth": False})
+        settings = make_settings(fleet, gateway={"require_auth": False, "metrics_port": 0})
         runner, port = await start_gateway(settings, host="127.0.0.1", port=0)
         try:
             for path in ("/healthz", "/healthz", "/nope"):
                 await get(port, path)
-            status, text = await get(port, "/metrics")
+            scrape_port = metrics_port(runner)
+            assert scrape_port is not None
+            status, text = await get(scrape_port, "/metrics")
         finally:
             await runner.cleanup()
     assert status == 200
