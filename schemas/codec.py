@@ -90,6 +90,8 @@ class Job:
     """The authenticated broker user that published the job, if it said."""
     n: int = 1
     """Completions asked for (the body's ``n``): a cost multiplier."""
+    body_bytes: int = 0
+    """The body's size: a bound on the prompt tokens it can be billed for."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +214,7 @@ def decode_job(
         replay_count=h.replay_count,
         user_id=_short_str(delivery.user_id),
         n=n,
+        body_bytes=len(delivery.body),
     )
 
 

@@ -27,7 +27,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustC
 from schemas.codec import Delivery, Job, Rejected, decode_job, encode_reply, error_body
 from schemas.contract import DEAD_HEADERS, HEADERS
 from schemas.errors import ErrorCode
-from schemas.settings import ModelSettings, Settings
+from schemas.settings import ConfigError, ModelSettings, Settings
 from schemas.topology import plan
 from workers.amqp import (
     Publisher,
@@ -39,8 +39,11 @@ from workers.amqp import (
 from workers.attempts import Dispatcher, Failed, Served
 from workers.errors import BrokerFailure, Unroutable
 from workers.events import JobDone, ObservedBudget, Spent
+from workers.preflight import preflight
 from workers.routing import EndpointSpec, Router, RoutingConfig, disposition
 from workers.routing.admission import Admission, ModelLimits
+from workers.routing.pricing import estimate_usd, prompt_tokens_bound
+from workers.routing.spend import NULL_HOLD, Hold
 from workers.telemetry import Telemetry
 from workers.upstream import Target, Upstream, make_upstream
 
@@ -78,6 +81,23 @@ class _Outcome:
     duplicate: bool = False
     reply_to: str | None = None
     """Where the reply may go: the job's ``reply_to`` once admitted, else None."""
+
+
+def worst_prices(settings: Settings) -> dict[str, tuple[float, float]]:
+    """Per canonical model, the highest (input, output) USD per million tokens among
+    the endpoints that may serve it, fallbacks included: what a hard cap reserves."""
+    prices: dict[str, tuple[float, float]] = {}
+    for endpoint in settings.endpoints:
+        for model in endpoint.models:
+            pin, pout = endpoint.price(model)
+            old = prices.get(model, (0.0, 0.0))
+            prices[model] = (max(old[0], pin), max(old[1], pout))
+    worst = dict(prices)
+    for model, spec in settings.models.items():
+        for fallback in spec.fallbacks:
+            a, b = worst.get(model, (0.0, 0.0)), prices.get(fallback, (0.0, 0.0))
+            worst[model] = (max(a[0], b[0]), max(a[1], b[1]))
+    return worst
 
 
 def admission(settings: Settings) -> Admission:
@@ -143,6 +163,7 @@ class Worker:
         budget.hook = self.telemetry.hook
         self._defaults = {k: c.default_sla_ms for k, c in settings.topology.classes.items()}
         self.admission = admission(settings)
+        self._worst_price = worst_prices(settings)
         self._hedge = {k: c.hedge for k, c in settings.topology.classes.items()}
         self._tasks: set[asyncio.Task[None]] = set()
         self._recent: OrderedDict[tuple[str, int, bytes], bytes] = OrderedDict()
@@ -167,7 +188,16 @@ class Worker:
         return self.telemetry.port
 
     async def start(self) -> None:
-        """Connect, declare the topology, start consuming every SLA-class queue."""
+        """Check the broker's limits, connect, declare the topology, start consuming.
+
+        Raises :class:`ConfigError` when ``worker.strict_preflight`` is set and a
+        start-up check fails (otherwise each problem is a warning).
+        """
+        problems = await preflight(self.settings)
+        for problem in problems:
+            log.warning("preflight: %s", problem)
+        if problems and self.settings.worker.strict_preflight:
+            raise ConfigError(f"preflight failed (worker.strict_preflight): {problems[0]}")
         url = self.settings.broker.url.get_secret_value()
         hb = self.settings.broker.heartbeat_s
         self._publish_conn = await connect(url, name=f"llmq-worker-pub {self.name}", heartbeat_s=hb)
@@ -393,36 +423,53 @@ class Worker:
             cap = self.admission.output_cap(model, None)
             if cap is not None:  # the model's limit holds for jobs that did not say
                 job = replace(job, body={**job.body, "max_completion_tokens": cap}, output_cap=cap)
-        over = self.telemetry.budgets.check(model, job.tenant)
-        if over is not None:
-            return self._failure(job.job_id, ErrorCode.OVER_BUDGET, over, routing, 0, job)
-        assert self._dispatcher is not None
-        mono = time.monotonic()
-        deadline = mono + (job.deadline_ms - now_ms) / 1000
-        result = await self._dispatcher.run(
-            job, model, deadline=deadline, hedge=self._hedge.get(job.sla_class, False)
-        )
-        routing["total_ms"] = round((time.time() * 1000) - job.published_ms, 3)
-        if isinstance(result, Failed):
-            routing.update(
-                model=result.model or model,
-                endpoint=result.endpoint,
-                attempts=result.attempts,
-                hedged=result.hedged,
+        budgets = self.telemetry.budgets
+        # A hard cap holds under concurrency: the job's worst case is reserved
+        # before any call, and this is the hold's one owner (settled or released).
+        hold = budgets.reserve(model, job.tenant, self._worst_case_usd(job, model))
+        if isinstance(hold, str):
+            return self._failure(job.job_id, ErrorCode.OVER_BUDGET, hold, routing, 0, job)
+        try:
+            assert self._dispatcher is not None
+            mono = time.monotonic()
+            deadline = mono + (job.deadline_ms - now_ms) / 1000
+            result = await self._dispatcher.run(
+                job, model, deadline=deadline, hedge=self._hedge.get(job.sla_class, False)
             )
-            return self._failure(
-                job.job_id, result.code, result.message, routing, result.attempts, job
-            )
-        return self._success(job, result, routing)
+            routing["total_ms"] = round((time.time() * 1000) - job.published_ms, 3)
+            if isinstance(result, Failed):
+                routing.update(
+                    model=result.model or model,
+                    endpoint=result.endpoint,
+                    attempts=result.attempts,
+                    hedged=result.hedged,
+                )
+                return self._failure(
+                    job.job_id, result.code, result.message, routing, result.attempts, job
+                )
+            return self._success(job, result, routing, hold)
+        finally:
+            budgets.release(hold)  # a no-op once settled
 
-    def _success(self, job: Job, served: Served, routing: dict[str, Any]) -> _Outcome:
+    def _worst_case_usd(self, job: Job, model: str) -> float:
+        """What the job can cost at most: its body as prompt, ``n`` full completions,
+        at the dearest endpoint of the model or its fallbacks."""
+        if not self.telemetry.budgets.enabled:
+            return 0.0
+        price_in, price_out = self._worst_price.get(model, (0.0, 0.0))
+        cap = job.output_cap or self.router.config.default_max_tokens
+        return estimate_usd(prompt_tokens_bound(job.body_bytes), cap, price_in, price_out, job.n)
+
+    def _success(
+        self, job: Job, served: Served, routing: dict[str, Any], hold: Hold = NULL_HOLD
+    ) -> _Outcome:
         usage_in, usage_out = served.reply.prompt_tokens, served.reply.completion_tokens
         cost = None
         if usage_in is not None and usage_out is not None:
             price_in, price_out = self._endpoints[served.endpoint].price(served.model)
             cost = round((usage_in * price_in + usage_out * price_out) / 1e6, 8)
         # Paid now, whatever happens to the reply: budgets and cost count it here.
-        self.telemetry.budgets.spend(served.model, job.tenant, cost)
+        self.telemetry.budgets.settle(hold, cost, model=served.model)
         self.telemetry.hook(
             Spent(served.model, served.endpoint, job.tenant, usage_in, usage_out, cost)
         )

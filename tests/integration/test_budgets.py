@@ -27,7 +27,10 @@ async def test_alerts_fire_once_per_threshold_and_the_hard_cap_stops_calls(
     connection: aio_pika.abc.AbstractConnection,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """10 USD jobs on a 100 USD capped budget: 3 alerts, then over_budget without a call."""
+    """10 USD jobs on a 100 USD capped budget: 3 alerts, then over_budget without a call.
+
+    The jobs say max_tokens=10: a hard cap reserves a job's worst case, and without
+    a cap that is ``default_max_tokens`` (4,096 tokens, 4,096 USD here)."""
     async with running_fleet({"name": "a", "models": ["m1"], "output_tokens": 10}) as fleet:
         settings = make_settings(
             fleet,
@@ -49,11 +52,15 @@ async def test_alerts_fire_once_per_threshold_and_the_hard_cap_stops_calls(
             ids: list[str] = []
             for _ in range(10):
                 ids.append(
-                    await caller.publish(chat(), headers={"tenant": "acme"}, user_id="guest")
+                    await caller.publish(
+                        chat(max_tokens=10), headers={"tenant": "acme"}, user_id="guest"
+                    )
                 )
                 await caller.wait_for(lambda: ids[-1] in caller.replies)
             assert fleet.stats()["a"].requests == 10
-            over = await caller.publish(chat(), headers={"tenant": "acme"}, user_id="guest")
+            over = await caller.publish(
+                chat(max_tokens=10), headers={"tenant": "acme"}, user_id="guest"
+            )
             await caller.wait_for(lambda: over in caller.replies and len(caller.dead) == 1)
             requests = fleet.stats()["a"].requests
             assert worker.metrics_port is not None

@@ -19,7 +19,7 @@ import pytest
 from harness import Caller, chat, running_fleet
 
 from producers.client import LlmqClient
-from schemas.settings import Settings
+from schemas.settings import ConfigError, Settings
 from workers.service import Worker
 
 pytestmark = pytest.mark.rabbitmq
@@ -154,7 +154,7 @@ async def test_the_tenant_header_does_not_escape_a_hard_cap(
             tenancy={"users": {"guest": "capped"}},
         )
         async with started(settings, connection) as (_, caller):
-            first = await caller.publish(chat(), user_id="guest")
+            first = await caller.publish(chat())  # no user_id: no tenant, no tenant cap
             await caller.wait_for(lambda: first in caller.replies)
             tries = [
                 await caller.publish(chat(), user_id="guest", headers=h)
@@ -256,3 +256,47 @@ async def test_llmq_client_jobs_are_billed_to_its_broker_users_tenant(
 
 def client_names(settings: Settings) -> dict[str, Any]:
     return {"exchange": settings.topology.jobs_exchange}
+
+
+async def test_concurrent_jobs_cannot_run_past_a_hard_cap(
+    make_settings: Callable[..., Settings], connection: aio_pika.abc.AbstractConnection
+) -> None:
+    """40 jobs at once against a cap one job's worst case fills: one runs, 39 are
+    refused before any call (the cap was checked before and charged after)."""
+    async with running_fleet(
+        {"name": "a", "models": ["m1"], "output_tokens": 10, "latency_ms": 200}
+    ) as fleet:
+        endpoints = make_settings(fleet).model_dump()["endpoints"]
+        for e in endpoints:
+            e.update(api_key_env="LLMQ_TEST_FLEET_KEY", output_per_mtok=1_000_000)
+        settings = make_settings(
+            fleet,
+            endpoints=endpoints,  # 1 USD per output token: max_tokens=10 costs 10 USD at most
+            budgets={"models": {"m1": {"monthly_usd": 15, "hard_cap": True}}},
+        )
+        async with started(settings, connection) as (worker, caller):
+            jobs = [await caller.publish(chat(max_tokens=10)) for _ in range(40)]
+            await caller.wait_for(lambda: all(j in caller.replies for j in jobs))
+            requests = fleet.stats()["a"].requests
+            spent = {b["name"]: b["spent_usd"] for b in worker.telemetry.budgets.view()}
+    codes = [
+        caller.replies[j][0]["status"]
+        if caller.replies[j][0]["status"] == "ok"
+        else code(caller, j)
+        for j in jobs
+    ]
+    assert codes.count("ok") == 1 and codes.count("over_budget") == 39
+    assert requests == 1 and spent["m1"] <= 15
+
+
+async def test_strict_preflight_refuses_a_broker_whose_consumer_timeout_is_too_short(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """With worker.strict_preflight, a worker that cannot confirm the broker's
+    consumer_timeout outlasts its longest deadline does not start."""
+    async with running_fleet({"name": "a", "models": ["m1"]}) as fleet:
+        base = make_settings(fleet, worker={"strict_preflight": True})
+        broker = base.broker.model_copy(update={"management_url": "http://127.0.0.1:9"})
+        worker = Worker(base.model_copy(update={"broker": broker}), name="preflight-worker")
+        with pytest.raises(ConfigError, match="preflight"):
+            await worker.start()
