@@ -24,12 +24,12 @@ from typing import Any, cast
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
-from aio_pika.robust_connection import RobustConnection
 from pamqp import encode
 from pamqp.commands import Basic
 
 from schemas.contract import CONTENT_TYPE, DEAD_HEADERS, HEADERS
 from workers.errors import BrokerFailure, Unroutable
+from workers.frame_reader import SafeRobustConnection
 
 __all__ = [
     "Outgoing",
@@ -54,7 +54,7 @@ REPLY_IN_HEADER = 8_192
 one is appended to the body (``reply-offset`` says where it starts)."""
 
 
-class JitteredRobustConnection(RobustConnection):
+class JitteredRobustConnection(SafeRobustConnection):
     """aio-pika reconnects every ``reconnect_interval`` seconds, fixed; this
     makes it full-jitter exponential so a fleet of workers does not reconnect
     in lockstep after a broker restart."""
@@ -73,7 +73,12 @@ class JitteredRobustConnection(RobustConnection):
 
 
 async def connect(url: str, *, name: str, heartbeat_s: int = 30) -> AbstractRobustConnection:
-    """A robust connection with jittered reconnects; the first connect fails fast."""
+    """A robust connection with jittered reconnects; the first connect fails fast.
+
+    Its frames are read through :class:`workers.frames.FrameGuard`: a message
+    the client library could not decode arrives marked instead of ending the
+    connection (see ``workers/frames.py``).
+    """
     connection = await aio_pika.connect_robust(
         url,
         connection_class=JitteredRobustConnection,
