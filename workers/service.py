@@ -39,6 +39,7 @@ from workers.amqp import (
 from workers.attempts import Dispatcher, Failed, Served
 from workers.errors import BrokerFailure, Unroutable
 from workers.events import JobDone, ObservedBudget, Spent
+from workers.frames import undecodable
 from workers.preflight import preflight
 from workers.routing import EndpointSpec, Router, RoutingConfig, disposition
 from workers.routing.admission import Admission, ModelLimits
@@ -293,6 +294,17 @@ class Worker:
             self.stats.in_flight -= 1
 
     async def _serve(self, message: AbstractIncomingMessage) -> _Outcome:
+        unreadable = undecodable(message.headers)
+        if unreadable is not None:
+            # Its properties could not be decoded (workers/frames.py): no id and
+            # no reply_to to trust, so it is only dead-lettered, raw bytes kept.
+            return self._failure(
+                None,
+                ErrorCode.INVALID_REQUEST,
+                f"AMQP properties could not be decoded: {unreadable}",
+                None,
+                0,
+            )
         now_ms = int(time.time() * 1000)
         ts = message.timestamp
         decoded = decode_job(
