@@ -25,6 +25,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection, Deli
 from producers.errors import Backpressure, DeadlineExceeded, PublishFailed, Unroutable, error_for
 from schemas.codec import decode_reply
 from schemas.contract import CONTENT_TYPE, HEADERS, SlaClass
+from workers.frame_reader import SafeRobustConnection
 
 __all__ = ["LlmqClient"]
 
@@ -70,8 +71,12 @@ class LlmqClient:
         return c is not None and not c.is_closed and c.connected.is_set()
 
     async def __aenter__(self) -> LlmqClient:
+        # Frames read through the guard: a reply the client library could not
+        # decode arrives marked (and unmatched) instead of ending the connection.
         self._connection = await aio_pika.connect_robust(
-            self._url, client_properties={"connection_name": "llmq-client"}
+            self._url,
+            client_properties={"connection_name": "llmq-client"},
+            connection_class=SafeRobustConnection,
         )
         self._channel = await self._connection.channel(
             publisher_confirms=True, on_return_raises=True

@@ -33,6 +33,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from producers.dlq_letters import DeadLetter, Filter, read_letter
 from schemas.settings import Settings
+from workers.frame_reader import SafeConnection
 
 __all__ = [
     "WINDOW",
@@ -207,8 +208,13 @@ class DeadQueue:
 async def _connect(settings: Settings, name: str) -> aio_pika.abc.AbstractConnection:
     url = settings.broker.url.get_secret_value()
     try:
+        # Frames read through the guard: a dead letter the client library could
+        # not decode arrives marked instead of ending the connection (workers/frames.py).
         return await aio_pika.connect(
-            url, client_properties={"connection_name": name}, heartbeat=settings.broker.heartbeat_s
+            url,
+            client_properties={"connection_name": name},
+            heartbeat=settings.broker.heartbeat_s,
+            connection_class=SafeConnection,
         )
     except (OSError, aiormq.exceptions.AMQPError) as exc:
         parts = urlsplit(url)  # never print the password
