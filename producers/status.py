@@ -27,7 +27,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import aio_pika
 import aiohttp
@@ -37,6 +37,7 @@ import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
 from schemas.settings import ConfigError, Settings, load_settings
+from workers.errors import redact, redact_url, url_secrets
 from workers.routing.spend import Budget, SpendLedger
 from workers.state import decode_state
 
@@ -284,13 +285,7 @@ class StatusReader:
 
     async def _management(self, observed: Observed) -> None:
         """Unacked counts and the oldest job's age from ``/api/queues/<vhost>``."""
-        url = self.settings.broker.url.get_secret_value()
-        parts = urlsplit(url)
-        vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
-        base = str(self.settings.broker.management_url).rstrip("/")
-        api = f"{base}/api/queues/{quote(vhost, safe='')}"
-        user = f"{unquote(parts.username or 'guest')}:{unquote(parts.password or '')}"
-        auth = {"Authorization": "Basic " + base64.b64encode(user.encode()).decode()}
+        api, auth, base = _management_request(self.settings)
         columns = "name,messages_ready,messages_unacknowledged,consumers,head_message_timestamp"
         try:
             async with (
@@ -303,6 +298,7 @@ class StatusReader:
                     return
                 rows = await response.json(loads=orjson.loads)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            # The type only: a library's text may quote the URL it was given.
             observed.notes.append(f"management API unreachable at {base}: {type(exc).__name__}")
             observed.age_source = "unavailable: the management API is unreachable (see notes)"
             return
@@ -319,6 +315,30 @@ class StatusReader:
             elif q.ready == 0:
                 q.oldest_age_s = 0.0
         observed.age_source = "management"
+
+
+def _management_request(settings: Settings) -> tuple[str, dict[str, str], str]:
+    """The queues API's URL (no credentials in it), its Basic auth header, and the base
+    URL as it may be shown (no password).
+
+    The credentials are the management URL's own when it has some, else the
+    broker URL's.
+    """
+    broker = urlsplit(settings.broker.url.get_secret_value())
+    vhost = unquote(broker.path[1:]) if len(broker.path) > 1 else "/"
+    given = str(settings.broker.management_url).rstrip("/")
+    shown = redact_url(given)
+    try:
+        parts = urlsplit(given)
+        has_user = parts.username is not None
+        netloc = parts.netloc.rpartition("@")[2]
+    except ValueError:
+        return given, {}, shown  # aiohttp refuses it; the note names only the error's type
+    creds = parts if has_user else broker
+    user = f"{unquote(creds.username or 'guest')}:{unquote(creds.password or '')}"
+    auth = {"Authorization": "Basic " + base64.b64encode(user.encode()).decode()}
+    base = urlunsplit(parts._replace(netloc=netloc))
+    return f"{base}/api/queues/{quote(vhost, safe='')}", auth, shown
 
 
 async def snapshot(settings: Settings, *, listen_s: float) -> dict[str, Any]:
@@ -447,4 +467,5 @@ def status_command(config: str | None, once: bool, as_json: bool, listen: float 
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_live(settings))
     except (ConnectionError, OSError, aiormq.exceptions.AMQPConnectionError) as exc:
-        raise click.ClickException(f"cannot reach the broker: {exc}") from None
+        text = redact(str(exc), url_secrets(settings.broker.url.get_secret_value()))
+        raise click.ClickException(f"cannot reach the broker: {text}") from None

@@ -15,10 +15,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from workers.routing import FailureKind
 
-__all__ = ["BrokerFailure", "Unroutable", "UpstreamFailure", "WorkerError", "redact"]
+__all__ = [
+    "BrokerFailure",
+    "Unroutable",
+    "UpstreamFailure",
+    "WorkerError",
+    "redact",
+    "redact_url",
+    "url_secrets",
+]
 
 
 class WorkerError(Exception):
@@ -76,3 +85,25 @@ def redact(text: str, secrets: Iterable[str]) -> str:
             if len(secret) >= 12:
                 text = text.replace(secret[-8:], "[redacted]").replace(secret[-4:], "[redacted]")
     return _KEYISH.sub("[redacted]", text)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``: what operator tools may print."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # a malformed port or host: print nothing of it
+        return "[unparseable URL]"
+    if password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def url_secrets(url: str) -> tuple[str, ...]:
+    """The password of ``url`` as written and decoded, for :func:`redact` of texts naming it."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return ()
+    return (password, unquote(password)) if password else ()

@@ -264,3 +264,65 @@ async def test_status_reads_queue_ages_from_the_management_api(
     assert queues_by_class["batch"]["oldest_age_s"] == 0.0  # empty queue: no age
     assert doc["queue_age"] == "management"
     assert doc["workers"] == [] and doc["notes"] == ["no worker heard on 'llmq.state'"]
+
+
+MGMT_SECRET = "s3cret-mgmt-pw"
+AMQP_SECRET = "s3cret-amqp-pw"
+
+
+def status_config(path: Path, amqp_url: str, names: dict[str, str], management: str) -> Path:
+    lines = ["[broker]", f'url = "{amqp_url}"', f'management_url = "{management}"', "[topology]"]
+    lines += [f'{k} = "{v}"' for k, v in names.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+async def test_status_never_prints_a_password(
+    amqp_url: str, names: dict[str, str], tmp_path: Path
+) -> None:
+    """A management URL with a password, unreachable or refusing: the password is
+    in neither the JSON nor the table, and the URL's own credentials are the ones sent."""
+    seen: list[str | None] = []
+
+    async def refuse(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization"))
+        return web.Response(status=401)
+
+    app = web.Application()
+    app.router.add_get("/api/queues/{vhost}", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    outputs = []
+    try:
+        for management in (
+            f"http://admin:{MGMT_SECRET}@127.0.0.1:1/",  # nothing listens on port 1
+            f"http://admin:{MGMT_SECRET}@127.0.0.1:{port}/",
+        ):
+            config = status_config(tmp_path / "llmq.toml", amqp_url, names, management)
+            for args in (("--json",), ("--once",)):
+                code, out, err = await run_status(config, *args, "--listen", "0")
+                outputs.append((code, out.decode() + err.decode()))
+    finally:
+        await runner.cleanup()
+    for code, text in outputs:
+        assert code == 0, text
+        assert MGMT_SECRET not in text, text
+    unreachable, refused = orjson.loads(outputs[0][1])["notes"], orjson.loads(outputs[2][1])
+    assert any("admin:***@127.0.0.1:1" in n for n in unreachable), unreachable
+    assert any("HTTP 401" in n for n in refused["notes"]), refused
+    assert seen and seen[0] == "Basic " + base64.b64encode(f"admin:{MGMT_SECRET}".encode()).decode()
+
+
+async def test_status_hides_the_broker_password_when_refused(
+    amqp_url: str, names: dict[str, str], tmp_path: Path
+) -> None:
+    """A wrong AMQP password: status says it cannot reach the broker, without the password."""
+    wrong = amqp_url.replace("guest:guest@", f"guest:{AMQP_SECRET}@")
+    config = status_config(tmp_path / "llmq.toml", wrong, names, "http://127.0.0.1:1/")
+    code, out, err = await run_status(config, "--json", "--listen", "0")
+    assert code == 1
+    assert "cannot reach the broker" in err.decode()
+    assert AMQP_SECRET not in out.decode() + err.decode()
