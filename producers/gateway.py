@@ -3,9 +3,12 @@
 ``POST /v1/chat/completions`` publishes the request body as a job with one
 shared :class:`~producers.client.LlmqClient` and waits for its reply within
 the SLA; ``GET /v1/models`` lists the routable models; ``/healthz`` and
-``/readyz`` are probes. What each request means — keys, headers, statuses,
-error bodies — is decided in :mod:`producers.gateway_core`; this module does
-the aiohttp and AMQP work. docs/gateway.md is the user's guide.
+``/readyz`` are probes; ``/metrics`` is served on its own port
+(``gateway.metrics_port``), never to the callers. What each request means —
+keys, headers, statuses, error bodies — is decided in
+:mod:`producers.gateway_core` and :mod:`producers.gateway_keys`; how long a
+connection may take, in :mod:`producers.gateway_server`; this module does the
+aiohttp and AMQP work. docs/gateway.md is the user's guide.
 """
 
 from __future__ import annotations
@@ -22,16 +25,16 @@ from urllib.parse import urlsplit
 import click
 import orjson
 from aiohttp import web
-from prometheus_client.aiohttp import make_aiohttp_handler
 
 from producers.client import LlmqClient
 from producers.errors import LlmqError, PublishFailed
 from producers.gateway_core import (
     INVALID_API_KEY,
     NOT_FOUND,
+    REQUEST_TIMEOUT,
     Answer,
     BadRequest,
-    KeyRing,
+    Caller,
     answer_for_error,
     answer_for_reply,
     check_body,
@@ -40,15 +43,24 @@ from producers.gateway_core import (
     model_list,
     startup_problem,
 )
+from producers.gateway_keys import KeyRing, scoped_job_id
+from producers.gateway_server import ConnectionLimits, GatewaySite, raise_fd_limit
 from schemas.errors import ErrorCode
 from schemas.settings import ConfigError, Settings, load_settings
-from workers.metrics import GatewayMetrics, new_registry
+from workers.errors import redact, redact_url, url_secrets
+from workers.metrics import GatewayMetrics, MetricsServer, new_registry
 
-__all__ = ["StartupError", "gateway_command", "make_app", "serve", "start_gateway"]
+__all__ = [
+    "StartupError",
+    "gateway_command",
+    "make_app",
+    "metrics_port",
+    "serve",
+    "start_gateway",
+]
 
 log = logging.getLogger("llmq.gateway")
 
-_ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf'  # no headers: they carry the callers' keys
 _SHUTDOWN_S = 30.0  # in-flight requests may finish this long after SIGTERM
 _CODE_BY_STATUS = {
     404: NOT_FOUND,
@@ -68,9 +80,12 @@ class _State:
     models: bytes
     metrics: GatewayMetrics
     client: LlmqClient | None = None
+    metrics_port: int | None = None
+    """The bound ``/metrics`` port, when ``gateway.metrics_port`` is set."""
 
 
 _STATE = web.AppKey("llmq_gateway", _State)
+_CALLER = web.RequestKey("llmq_caller", Caller)
 
 
 def make_app(settings: Settings) -> web.Application:
@@ -85,7 +100,7 @@ def make_app(settings: Settings) -> web.Application:
     gw = settings.gateway
     state = _State(
         settings=settings,
-        keys=KeyRing(k.get_secret_value() for k in gw.api_keys),
+        keys=KeyRing.from_settings(gw),
         models=orjson.dumps(model_list(settings)),
         metrics=GatewayMetrics(new_registry()),
     )
@@ -93,11 +108,11 @@ def make_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=gw.max_body_bytes, middlewares=[_measure, _errors, _auth])
     app[_STATE] = state
     app.cleanup_ctx.append(_broker)
+    app.cleanup_ctx.append(_metrics)  # after the broker: nothing to undo when it fails
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", make_aiohttp_handler(state.metrics.registry))
     return app
 
 
@@ -114,6 +129,42 @@ async def _broker(app: web.Application) -> AsyncIterator[None]:
             yield
         finally:
             state.client = None
+
+
+async def _metrics(app: web.Application) -> AsyncIterator[None]:
+    """``/metrics`` (and the probes) on ``gateway.metrics_port``, away from the callers."""
+    state = app[_STATE]
+    gw = state.settings.gateway
+    if gw.metrics_port is None:
+        yield
+        return
+    server = MetricsServer(
+        state.metrics.registry,
+        health=lambda: (True, {"status": "ok"}),
+        ready=lambda: (_broker_open(state.client), {"broker": _broker_open(state.client)}),
+    )
+    try:
+        state.metrics_port = await server.start(gw.metrics_host, gw.metrics_port)
+        log.info("gateway metrics on http://%s:%d/metrics", gw.metrics_host, state.metrics_port)
+    except OSError as exc:
+        log.error(
+            "gateway: cannot serve metrics on %s:%d (%s); serving requests without /metrics",
+            gw.metrics_host,
+            gw.metrics_port,
+            exc.strerror or exc,
+        )
+        yield
+        return
+    try:
+        yield
+    finally:
+        state.metrics_port = None
+        await server.stop()
+
+
+def metrics_port(runner: web.AppRunner) -> int | None:
+    """The port a running gateway serves ``/metrics`` on (None: not served)."""
+    return runner.app[_STATE].metrics_port
 
 
 def _respond(answer: Answer) -> web.Response:
@@ -175,10 +226,15 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 @web.middleware
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """``/v1/*`` needs ``Authorization: Bearer <key>``; the probes do not."""
-    if request.path.startswith("/v1/") and not request.app[_STATE].keys.allows(
-        request.headers.get("Authorization")
-    ):
+    """``/v1/*`` needs ``Authorization: Bearer <key>``; the probes do not.
+
+    The key names the caller (``request[_CALLER]``): its tenant and the scope
+    of its request ids.
+    """
+    if not request.path.startswith("/v1/"):
+        return await handler(request)
+    caller = request.app[_STATE].keys.identify(request.headers.get("Authorization"))
+    if caller is None:
         return _respond(
             error_answer(
                 401,
@@ -187,6 +243,7 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
                 headers={"WWW-Authenticate": "Bearer"},
             )
         )
+    request[_CALLER] = caller
     return await handler(request)
 
 
@@ -206,21 +263,33 @@ async def _chat_completions(request: web.Request) -> web.Response:
         raise web.HTTPRequestEntityTooLarge(
             max_size=gw.max_body_bytes, actual_size=request.content_length
         )
-    raw = await request.read()  # raises 413 as soon as more than the limit arrived
+    try:
+        async with asyncio.timeout(gw.body_timeout_s):
+            raw = await request.read()  # raises 413 as soon as more than the limit arrived
+    except TimeoutError:
+        return await _body_too_slow(request, gw.body_timeout_s)
+    caller = request[_CALLER]
     try:
         body = check_body(orjson.loads(raw))
         options = job_options(
-            request.headers, default_sla_ms=gw.default_sla_ms, max_sla_ms=gw.max_sla_ms
+            request.headers,
+            default_sla_ms=gw.default_sla_ms,
+            max_sla_ms=gw.max_sla_ms,
+            caller=caller,
+            trust_tenant_header=gw.trust_tenant_header,
         )
     except orjson.JSONDecodeError:
         return _bad_request("the request body is not valid JSON")
     except BadRequest as exc:
         return _bad_request(str(exc))
-    job_id = options.job_id or uuid.uuid4().hex
+    request_id = options.request_id or uuid.uuid4().hex
+    # Scoped to the key: another key's X-Request-Id names another job (and answer).
+    job_id = scoped_job_id(caller, request_id)
     client = state.client
     if client is None or not _broker_open(client):
         # Fail at once: the client would retry the publish for 30 s meanwhile.
-        return _respond(answer_for_error(PublishFailed("the broker is unreachable"), job_id))
+        unreachable = PublishFailed("the broker is unreachable")
+        return _respond(answer_for_error(unreachable, job_id, request_id=request_id))
     try:
         reply = await client.call(
             body,
@@ -234,8 +303,21 @@ async def _chat_completions(request: web.Request) -> web.Response:
             traceparent=options.traceparent,
         )
     except LlmqError as exc:
-        return _respond(answer_for_error(exc, job_id))
-    return _respond(answer_for_reply(reply, job_id))
+        return _respond(answer_for_error(exc, job_id, request_id=request_id))
+    return _respond(answer_for_reply(reply, job_id, request_id=request_id))
+
+
+async def _body_too_slow(request: web.Request, timeout_s: float) -> web.Response:
+    """408, then the connection is closed: the rest of the body is not worth waiting for
+    (aiohttp would otherwise linger, reading it, before closing)."""
+    message = f"the request body did not arrive within {timeout_s:g} s"
+    response = _respond(error_answer(408, REQUEST_TIMEOUT, message, retriable=True))
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    if request.transport is not None:
+        request.transport.close()  # after the answer: close() sends what is buffered first
+    return response
 
 
 async def _models(request: web.Request) -> web.Response:
@@ -262,27 +344,33 @@ async def start_gateway(settings: Settings, *, host: str, port: int) -> tuple[we
     ``port=0`` binds a free port: the returned one is the real one. Raises
     :class:`ConfigError` or :class:`StartupError`.
     """
-    runner = web.AppRunner(
-        make_app(settings), access_log_format=_ACCESS_LOG_FORMAT, shutdown_timeout=_SHUTDOWN_S
-    )
+    gw = settings.gateway
+    runner = web.AppRunner(make_app(settings), shutdown_timeout=_SHUTDOWN_S)
     try:
         await runner.setup()  # runs the startup hooks: connects to the broker
     except Exception as exc:  # aiormq raises its own classes, not only OSError
         raise StartupError(_broker_problem(settings, exc)) from exc
+    limits = ConnectionLimits(
+        max_connections=gw.max_connections,
+        header_timeout_s=gw.header_timeout_s,
+        idle_timeout_s=gw.idle_timeout_s,
+    )
+    site = GatewaySite(runner, host, port, limits=limits)
     try:
-        site = web.TCPSite(runner, host, port)
         await site.start()
     except OSError as exc:
         await runner.cleanup()
         raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-    bound = runner.addresses[0][1] if runner.addresses else port
-    return runner, int(bound)
+    return runner, site.port
 
 
 async def serve(settings: Settings, *, host: str, port: int) -> None:
     """Run the gateway until SIGTERM or SIGINT, then let in-flight requests finish."""
-    runner, bound = await start_gateway(settings, host=host, port=port)
     gw = settings.gateway
+    problem = raise_fd_limit(gw.max_connections)
+    if problem is not None:
+        log.warning("gateway: %s", problem)
+    runner, bound = await start_gateway(settings, host=host, port=port)
     log.info(
         "gateway listening on http://%s:%d (class %s, default SLA %d ms, max %d ms, %s)",
         host,
@@ -290,7 +378,7 @@ async def serve(settings: Settings, *, host: str, port: int) -> None:
         gw.sla_class,
         gw.default_sla_ms,
         gw.max_sla_ms,
-        f"API keys: {len(gw.api_keys)}" if gw.api_keys else "no authentication",
+        _keys_summary(settings),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -303,13 +391,23 @@ async def serve(settings: Settings, *, host: str, port: int) -> None:
         await runner.cleanup()
 
 
+def _keys_summary(settings: Settings) -> str:
+    gw = settings.gateway
+    keys = len(gw.api_keys) + sum(len(k) for k in gw.tenant_keys.values())
+    if not keys:
+        return "no authentication"
+    return f"API keys: {keys}, tenants: {len(gw.tenants)}"
+
+
 def _broker_problem(settings: Settings, exc: BaseException) -> str:
     url = settings.broker.url.get_secret_value()
-    parts = urlsplit(url)
-    text = str(exc) or type(exc).__name__
-    if parts.password:
-        text = text.replace(parts.password, "***")
-    return f"cannot reach the broker at {parts.hostname}:{parts.port or 5672}: {text}"
+    text = redact(str(exc) or type(exc).__name__, url_secrets(url))
+    try:
+        parts = urlsplit(url)
+        where = f"{parts.hostname}:{parts.port or 5672}"
+    except ValueError:  # a malformed port: say so without the URL
+        where = redact_url(url)
+    return f"cannot reach the broker at {where}: {text}"
 
 
 @click.command("gateway")

@@ -1,16 +1,15 @@
 """The gateway's decisions, without I/O: HTTP in, job options out; replies in, HTTP out.
 
 ``producers.gateway`` does the aiohttp and AMQP work; everything it decides —
-which key is valid, what the SLA of a request is, which status and OpenAI-style
-error body a reply or a client error becomes — is here, so it is testable
-without a server or a broker.
+whether it may start, what the SLA and tenant of a request are, which status
+and OpenAI-style error body a reply or a client error becomes — is here, so it
+is testable without a server or a broker. Who the caller is (keys, tenants,
+job ids scoped to a key) is :mod:`producers.gateway_keys`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +21,7 @@ from producers.errors import (
     PublishFailed,
     Unroutable,
 )
+from producers.gateway_keys import OPEN, Caller, KeyRing, duplicate_keys
 from schemas.codec import MAX_SLA_MS
 from schemas.contract import JOB_ID_RE
 from schemas.errors import HTTP_STATUS, RETRIABLE, ErrorCode
@@ -31,12 +31,14 @@ __all__ = [
     "INVALID_API_KEY",
     "NOT_FOUND",
     "REQUEST_ID_HEADER",
+    "REQUEST_TIMEOUT",
     "SERVICE_UNAVAILABLE",
     "SLA_HEADER",
     "TENANT_HEADER",
     "TRACEPARENT_HEADER",
     "Answer",
     "BadRequest",
+    "Caller",
     "JobOptions",
     "KeyRing",
     "answer_for_error",
@@ -57,6 +59,7 @@ TRACEPARENT_HEADER = "traceparent"
 INVALID_API_KEY = "invalid_api_key"
 SERVICE_UNAVAILABLE = "broker_unavailable"
 NOT_FOUND = "not_found"
+REQUEST_TIMEOUT = "request_timeout"
 
 _MAX_STRING_HEADER = 256  # the job contract's limit for string headers
 _MAX_DIGITS = 20  # the job contract's limit for integer headers sent as text
@@ -79,60 +82,36 @@ class Answer:
 
 @dataclass(frozen=True, slots=True)
 class JobOptions:
-    """What the request's headers say about the job."""
+    """What the request says about the job, with the tenant its caller is billed to."""
 
     sla_ms: int
     tenant: str | None = None
-    job_id: str | None = None
+    request_id: str | None = None
+    """The caller's ``X-Request-Id``; the job id is :func:`scoped_job_id` of it."""
     traceparent: str | None = None
-
-
-class KeyRing:
-    """The callers' API keys, checked in constant time.
-
-    Keys are kept as SHA-256 digests, so every comparison has the same length
-    and a key's length does not leak either; every key is compared, without an
-    early exit, so the time does not tell which one matched.
-    """
-
-    def __init__(self, keys: Iterable[str]) -> None:
-        self._digests = tuple(_digest(k) for k in keys if k)
-
-    def __repr__(self) -> str:
-        return f"<KeyRing keys={len(self._digests)}>"  # never the keys
-
-    @property
-    def empty(self) -> bool:
-        return not self._digests
-
-    def allows(self, authorization: str | None) -> bool:
-        """Whether an ``Authorization`` header holds one of the keys (open when empty)."""
-        if not self._digests:
-            return True
-        scheme, _, token = (authorization or "").strip().partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return False
-        given = _digest(token.strip())
-        found = False
-        for digest in self._digests:
-            found |= hmac.compare_digest(given, digest)
-        return found
-
-
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
 
 
 def startup_problem(settings: Settings) -> str | None:
     """One line saying why the gateway must not start with these settings, or None."""
     gw = settings.gateway
-    if gw.require_auth and not gw.api_keys:
+    for tenant, env in gw.tenants.items():
+        if not gw.tenant_keys.get(tenant):
+            return (
+                f"config error: gateway.tenants.{tenant}: environment variable {env}"
+                f" is not set (it holds the tenant's keys, comma-separated)"
+            )
+    clashes = duplicate_keys(gw)
+    if clashes:
+        return f"config error: the same API key is given in {clashes[0]}: a key names one caller"
+    if gw.require_auth and not gw.api_keys and not gw.tenants:
         where = f"${gw.api_keys_env}" if gw.api_keys_env else "gateway.api_keys_env"
         return (
             f"config error: gateway.require_auth is true but no API keys are set:"
-            f" put comma-separated keys in {where}, or set gateway.require_auth = false"
-            f" on a trusted network"
+            f" put comma-separated keys in {where} (or tenants' keys in [gateway.tenants]),"
+            f" or set gateway.require_auth = false on a trusted network"
         )
+    if gw.metrics_port is not None and gw.metrics_port == gw.port != 0:
+        return "config error: gateway.metrics_port must differ from gateway.port"
     if gw.sla_class not in settings.topology.classes:
         known = ", ".join(sorted(settings.topology.classes))
         return f"config error: gateway.sla_class: unknown SLA class {gw.sla_class!r}; use {known}"
@@ -144,12 +123,27 @@ def startup_problem(settings: Settings) -> str | None:
     return None
 
 
-def job_options(headers: Mapping[str, str], *, default_sla_ms: int, max_sla_ms: int) -> JobOptions:
-    """Read the SLA, tenant, request id and traceparent headers; raises :class:`BadRequest`."""
+def job_options(
+    headers: Mapping[str, str],
+    *,
+    default_sla_ms: int,
+    max_sla_ms: int,
+    caller: Caller = OPEN,
+    trust_tenant_header: bool = False,
+) -> JobOptions:
+    """Read the SLA, request id and traceparent headers; raises :class:`BadRequest`.
+
+    The tenant is the caller's (its key's). ``X-LLMQ-Tenant`` is read only with
+    ``trust_tenant_header`` (a proxy that knows the caller sets it); otherwise
+    it is ignored, so no caller can bill another tenant.
+    """
+    tenant = caller.tenant
+    if trust_tenant_header:
+        tenant = _tenant(headers.get(TENANT_HEADER)) or tenant
     return JobOptions(
         sla_ms=_sla_ms(headers.get(SLA_HEADER), default=default_sla_ms, maximum=max_sla_ms),
-        tenant=_tenant(headers.get(TENANT_HEADER)),
-        job_id=_request_id(headers.get(REQUEST_ID_HEADER)),
+        tenant=tenant,
+        request_id=_request_id(headers.get(REQUEST_ID_HEADER)),
         traceparent=_traceparent(headers.get(TRACEPARENT_HEADER)),
     )
 
@@ -236,8 +230,14 @@ def _error_type(status: int) -> str:
     return "invalid_request_error"
 
 
-def _routing_headers(reply: Mapping[str, Any], job_id: str) -> dict[str, str]:
-    headers = {"x-llmq-job-id": job_id, "x-request-id": job_id}
+def _id_headers(job_id: str, request_id: str | None) -> dict[str, str]:
+    return {"x-llmq-job-id": job_id, "x-request-id": request_id or job_id}
+
+
+def _routing_headers(
+    reply: Mapping[str, Any], job_id: str, request_id: str | None
+) -> dict[str, str]:
+    headers = _id_headers(job_id, request_id)
     routing = reply.get("routing") or {}
     if routing.get("endpoint") is not None:
         headers["x-llmq-endpoint"] = str(routing["endpoint"])
@@ -246,9 +246,14 @@ def _routing_headers(reply: Mapping[str, Any], job_id: str) -> dict[str, str]:
     return headers
 
 
-def answer_for_reply(reply: Mapping[str, Any], job_id: str) -> Answer:
-    """The HTTP response for a reply envelope: the upstream's response, or its error."""
-    headers = _routing_headers(reply, job_id)
+def answer_for_reply(
+    reply: Mapping[str, Any], job_id: str, *, request_id: str | None = None
+) -> Answer:
+    """The HTTP response for a reply envelope: the upstream's response, or its error.
+
+    ``x-request-id`` echoes the caller's own id; ``x-llmq-job-id`` is the job's.
+    """
+    headers = _routing_headers(reply, job_id, request_id)
     if reply.get("status") == "ok" and isinstance(reply.get("response"), dict):
         return Answer(200, reply["response"], headers)
     error = reply.get("error") or {}
@@ -263,11 +268,11 @@ def answer_for_reply(reply: Mapping[str, Any], job_id: str) -> Answer:
     return error_answer(status, code, message, retriable=retriable, headers=headers)
 
 
-def answer_for_error(exc: LlmqError, job_id: str) -> Answer:
+def answer_for_error(exc: LlmqError, job_id: str, *, request_id: str | None = None) -> Answer:
     """The HTTP response for a job the gateway could not get an answer for."""
-    headers = {"x-llmq-job-id": job_id, "x-request-id": job_id}
+    headers = _id_headers(job_id, request_id)
     if isinstance(exc, JobFailed) and exc.reply:
-        return answer_for_reply(exc.reply, job_id)
+        return answer_for_reply(exc.reply, job_id, request_id=request_id)
     if isinstance(exc, DeadlineExceeded):
         return error_answer(
             504, ErrorCode.DEADLINE_EXCEEDED.value, str(exc), retriable=True, headers=headers

@@ -277,12 +277,43 @@ class GatewaySettings(_Strict):
     """Environment variable holding the callers' keys, comma-separated (never the keys)."""
     api_keys: tuple[SecretStr, ...] = Field(default=(), exclude=True, repr=False)
     """Filled from ``api_keys_env`` at start-up."""
+    tenants: dict[str, str] = Field(default_factory=dict)
+    """Tenant → environment variable holding that tenant's keys, comma-separated:
+    a request with one of them is billed to the tenant (never the keys)."""
+    tenant_keys: dict[str, tuple[SecretStr, ...]] = Field(
+        default_factory=dict, exclude=True, repr=False
+    )
+    """Filled from ``tenants`` at start-up."""
+    trust_tenant_header: bool = False
+    """Let ``X-LLMQ-Tenant`` choose the tenant (only behind a proxy that sets it)."""
     require_auth: bool = True
     """Refuse to start without keys; false only for a trusted local network."""
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     default_sla_ms: int = Field(default=30_000, ge=1)
     max_sla_ms: int = Field(default=600_000, ge=1)
     sla_class: str = "interactive"
+    header_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    """A request's line and headers must arrive in full within this, counted from
+    the connection opening or from the request's first byte."""
+    idle_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    """A keep-alive connection with no request in progress is closed after this."""
+    body_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    """A request body must arrive in full within this (else 408)."""
+    max_connections: int = Field(default=1024, ge=1, le=1_000_000)
+    """Open client connections; past it new ones get 503 and are closed at once."""
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """Port of the gateway's ``/metrics`` (None: not served; never on ``port``)."""
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenant_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for tenant, env in value.items():
+            if not 0 < len(tenant) <= 256 or not tenant.isprintable():
+                raise ValueError(f"{tenant[:40]!r}: a tenant is 1 to 256 printable characters")
+            if not (env.isascii() and env.isidentifier()):
+                raise ValueError(f"{tenant}: {env[:40]!r} is not an environment variable name")
+        return value
 
 
 class MetricsSettings(_Strict):
@@ -293,7 +324,8 @@ class MetricsSettings(_Strict):
     port: int = Field(default=9464, ge=0, le=65535)
     """0 picks a free port (tests); the bound port is ``Worker.metrics_port``."""
     max_tenants: int = Field(default=100, ge=0, le=10_000)
-    """Distinct ``tenant`` label values; later tenants are counted as ``(other)``."""
+    """Distinct ``tenant`` label values. Configured tenants always have their own;
+    the slots left go first-come, and later tenants are counted as ``(other)``."""
 
 
 class BudgetSettings(_Strict):
@@ -491,8 +523,20 @@ def _with_keys(settings: Settings, where: str) -> Settings:
             f"config error: gateway.api_keys: keys never go in the config;"
             f" name an environment variable in api_keys_env{where}"
         )
+    if gateway.tenant_keys:
+        raise ConfigError(
+            f"config error: gateway.tenant_keys: keys never go in the config;"
+            f" map each tenant to an environment variable in gateway.tenants{where}"
+        )
     if gateway.api_keys_env:
-        raw = os.environ.get(gateway.api_keys_env, "")
-        keys = tuple(SecretStr(k.strip()) for k in raw.split(",") if k.strip())
-        gateway = gateway.model_copy(update={"api_keys": keys})
+        gateway = gateway.model_copy(update={"api_keys": _keys_in(gateway.api_keys_env)})
+    # A variable that is unset leaves its tenant without keys; the gateway refuses
+    # to start then (workers read the same file and never need the keys).
+    tenant_keys = {t: _keys_in(env) for t, env in gateway.tenants.items()}
+    gateway = gateway.model_copy(update={"tenant_keys": tenant_keys})
     return settings.model_copy(update={"endpoints": endpoints, "gateway": gateway})
+
+
+def _keys_in(env: str) -> tuple[SecretStr, ...]:
+    raw = os.environ.get(env, "")
+    return tuple(SecretStr(k.strip()) for k in raw.split(",") if k.strip())

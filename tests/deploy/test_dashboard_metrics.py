@@ -18,7 +18,7 @@ import pytest
 from harness import FLEET_KEY, chat, running_fleet
 
 from producers.client import LlmqClient
-from producers.gateway import start_gateway
+from producers.gateway import metrics_port, start_gateway
 from schemas.settings import Settings, TopologySettings, load_settings
 from workers.service import Worker
 
@@ -138,7 +138,7 @@ async def test_every_llmq_series_on_the_dashboard_is_exported(
                 }
             ],
             metrics={"host": "127.0.0.1", "port": 0},
-            gateway={"require_auth": False},
+            gateway={"require_auth": False, "metrics_port": 0},
             budgets={"models": {"m1": {"monthly_usd": 100.0}}},
         )
 
@@ -155,7 +155,8 @@ async def test_every_llmq_series_on_the_dashboard_is_exported(
             async with aiohttp.ClientSession() as http:
                 async with http.get(f"http://127.0.0.1:{gateway_port}/v1/models") as answer:
                     assert answer.status == 200
-                for where, port in (("worker", worker.metrics_port), ("gateway", gateway_port)):
+                scrape_ports = (("worker", worker.metrics_port), ("gateway", metrics_port(runner)))
+                for where, port in scrape_ports:
                     async with http.get(f"http://127.0.0.1:{port}/metrics") as answer:
                         assert answer.status == 200
                         scrapes[where] = await answer.text()

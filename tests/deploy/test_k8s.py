@@ -149,8 +149,13 @@ def test_gateway_pods_drain_and_are_served(
 
     drain = getattr(gateway_module, "_SHUTDOWN_S", 30.0)
     assert pod["terminationGracePeriodSeconds"] >= pre_stop + drain + 5
-    [port] = c["ports"]
+    port, metrics = c["ports"]
     assert port["containerPort"] == settings.gateway.port and settings.gateway.host == "0.0.0.0"
+    # /metrics on its own port, scraped at the pod; the Service offers only the API.
+    assert metrics["containerPort"] == settings.gateway.metrics_port != settings.gateway.port
+    assert settings.gateway.metrics_host == "0.0.0.0"
+    annotations = gateway["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(settings.gateway.metrics_port)
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     env = {e["name"]: e for e in c["env"]}
     assert env["LLMQ_BROKER__URL"]["valueFrom"]["secretKeyRef"]["key"] == "producer-amqp-url"
@@ -159,7 +164,7 @@ def test_gateway_pods_drain_and_are_served(
         assert "valueFrom" not in env[endpoint.api_key_env or ""]
     service = manifests[("Service", "llmq-gateway")]
     assert service["spec"]["selector"] == gateway["spec"]["selector"]["matchLabels"]
-    assert service["spec"]["ports"][0]["targetPort"] == port["name"]
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == [port["name"]]
 
 
 def test_pods_run_unprivileged(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:

@@ -123,7 +123,10 @@ async def test_sdk_sync_and_async_work_unchanged(
     assert completion.object == "chat.completion"
     assert (completion.choices[0].message.content or "").startswith("a #")
     assert completion.usage is not None and completion.usage.completion_tokens == 8
-    assert raw.headers["x-llmq-job-id"] == "req-42" == raw.headers["x-request-id"]
+    # The caller's id comes back; the job's id is scoped to the caller's key.
+    assert raw.headers["x-request-id"] == "req-42"
+    assert raw.headers["x-llmq-job-id"].startswith("gw-")
+    assert raw.headers["x-llmq-job-id"].endswith("-req-42")
     assert raw.headers["x-llmq-endpoint"] == "a"
     assert raw.headers["x-llmq-attempts"] == "1"
     assert sync_completion.choices[0].message.content

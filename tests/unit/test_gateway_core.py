@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,8 +19,10 @@ from producers.errors import (
     Unroutable,
     UpstreamError,
 )
+from producers.gateway import _broker_problem
 from producers.gateway_core import (
     BadRequest,
+    Caller,
     KeyRing,
     answer_for_error,
     answer_for_reply,
@@ -28,9 +31,13 @@ from producers.gateway_core import (
     model_list,
     startup_problem,
 )
+from producers.gateway_keys import OPEN, scoped_job_id
+from producers.gateway_server import loggable_path
 from schemas.codec import MAX_SLA_MS
+from schemas.contract import JOB_ID_RE
 from schemas.errors import HTTP_STATUS, RETRIABLE, ErrorCode
-from schemas.settings import GatewaySettings, Settings
+from schemas.settings import ConfigError, GatewaySettings, Settings, load_settings
+from workers.errors import redact_url
 
 
 @pytest.fixture(autouse=True)
@@ -87,6 +94,64 @@ def test_keyring_compares_every_key_without_early_exit(monkeypatch: pytest.Monke
     assert {len(a) for a, _ in calls} == {len(b) for _, b in calls} == {32}
 
 
+def test_each_key_names_its_caller_and_tenant() -> None:
+    """identify() returns the key's short id and tenant; keys of one tenant share the tenant."""
+    ring = KeyRing(["sk-bare"], {"acme": ["sk-acme-1", "sk-acme-2"], "globex": ["sk-globex"]})
+    bare = ring.identify("Bearer sk-bare")
+    acme1, acme2 = ring.identify("Bearer sk-acme-1"), ring.identify("Bearer sk-acme-2")
+    globex = ring.identify("Bearer sk-globex")
+    assert bare is not None and bare.tenant is None
+    assert acme1 is not None and acme2 is not None and globex is not None
+    assert (acme1.tenant, acme2.tenant, globex.tenant) == ("acme", "acme", "globex")
+    ids = {c.key_id for c in (bare, acme1, acme2, globex)}
+    assert len(ids) == 4 and all(len(i) == 12 and int(i, 16) >= 0 for i in ids)
+    assert ring.identify("Bearer sk-acme") is None and ring.identify(None) is None
+    assert KeyRing([]).identify("anything") == OPEN
+
+
+def test_identify_compares_every_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tenant keys too are all compared, whichever matches."""
+    calls: list[bytes] = []
+    real = hmac.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        calls.append(b)
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", counting)
+    ring = KeyRing(["sk-a"], {"t": ["sk-b", "sk-c"]})
+    assert ring.identify("Bearer sk-a") == ring.identify("Bearer sk-a")
+    assert len(calls) == 6
+
+
+def test_job_ids_are_scoped_to_the_key() -> None:
+    """Two keys never share a job id; the same key and request id always do."""
+    ring = KeyRing(["sk-one", "sk-two"])
+    one, two = ring.identify("Bearer sk-one"), ring.identify("Bearer sk-two")
+    assert one is not None and two is not None
+    assert scoped_job_id(one, "req-1") == scoped_job_id(one, "req-1")
+    assert scoped_job_id(one, "req-1") != scoped_job_id(two, "req-1")
+    assert scoped_job_id(one, "req-1") == f"gw-{one.key_id}-req-1"
+    # A request id too long to prefix is hashed; the form cannot collide with a short one.
+    long_id = "r" * 128
+    scoped = scoped_job_id(one, long_id)
+    assert JOB_ID_RE.fullmatch(scoped) and len(scoped) <= 128
+    assert scoped.startswith(f"gw-{one.key_id}=")
+    assert scoped_job_id(one, long_id[:-1] + "s") != scoped
+    assert scoped_job_id(two, long_id) != scoped
+    for request_id in ("a", "x" * 112, "x" * 113, "Z:@/+=-._" * 14):
+        if JOB_ID_RE.fullmatch(request_id):
+            assert JOB_ID_RE.fullmatch(scoped_job_id(one, request_id))
+
+
+def test_answers_echo_the_callers_request_id() -> None:
+    """x-request-id is the caller's id, x-llmq-job-id the scoped job id."""
+    answer = answer_for_reply(reply("ok"), "gw-k-req", request_id="req")
+    assert (answer.headers["x-request-id"], answer.headers["x-llmq-job-id"]) == ("req", "gw-k-req")
+    failed = answer_for_error(Backpressure("full"), "gw-k-req", request_id="req")
+    assert failed.headers["x-request-id"] == "req"
+
+
 def test_empty_keyring_is_open_and_repr_hides_keys() -> None:
     """No keys configured: everyone is let in (require_auth refuses that at start)."""
     assert KeyRing([]).allows(None)
@@ -96,6 +161,50 @@ def test_empty_keyring_is_open_and_repr_hides_keys() -> None:
 
 
 # Start-up
+
+
+def test_startup_accepts_tenant_keys_alone() -> None:
+    tenants = {"tenants": {"acme": "ACME_KEYS"}, "tenant_keys": {"acme": (SecretStr("k"),)}}
+    assert startup_problem(settings(**tenants)) is None
+
+
+def test_startup_refuses_a_tenant_without_keys_and_a_key_given_twice() -> None:
+    """A tenant's variable unset, or one key for two callers: refused, keys never shown."""
+    unset = startup_problem(settings(tenants={"acme": "ACME_KEYS"}, api_keys=(SecretStr("k"),)))
+    assert unset is not None and "gateway.tenants.acme" in unset and "ACME_KEYS" in unset
+    twice = startup_problem(
+        settings(
+            api_keys=(SecretStr("sk-shared-secret"),),
+            tenants={"acme": "A"},
+            tenant_keys={"acme": (SecretStr("sk-shared-secret"),)},
+        )
+    )
+    assert twice is not None and "gateway.tenants.acme" in twice
+    assert "sk-shared" not in twice
+
+
+def test_tenant_keys_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """[gateway.tenants] names variables; the keys are read at load and never printed."""
+    monkeypatch.setenv("ACME_KEYS", "sk-acme-1, sk-acme-2")
+    monkeypatch.setenv("LLMQ_GATEWAY_KEYS", "sk-bare")
+    loaded = load_settings(None, gateway={"tenants": {"acme": "ACME_KEYS", "globex": "NOPE"}})
+    gw = loaded.gateway
+    assert [k.get_secret_value() for k in gw.tenant_keys["acme"]] == ["sk-acme-1", "sk-acme-2"]
+    assert gw.tenant_keys["globex"] == ()
+    assert [k.get_secret_value() for k in gw.api_keys] == ["sk-bare"]
+    assert "sk-acme" not in repr(loaded) and "sk-acme" not in loaded.model_dump_json()
+    assert startup_problem(loaded) is not None  # globex has no keys
+    with pytest.raises(ConfigError, match="keys never go in the config"):
+        load_settings(None, gateway={"tenant_keys": {"acme": ["sk-x"]}})
+    with pytest.raises(ConfigError, match="environment variable name"):
+        load_settings(None, gateway={"tenants": {"acme": "not a name"}})
+
+
+def test_the_gateway_settings_are_documented() -> None:
+    """docs/configuration.md names every [gateway] field."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    for name in GatewaySettings.model_fields:
+        assert f"`{name}`" in doc, name
 
 
 def test_startup_refuses_require_auth_without_keys() -> None:
@@ -149,13 +258,28 @@ def test_bad_sla_header_is_refused(value: str) -> None:
         options(**{"X-LLMQ-SLA-Ms": value})
 
 
-def test_tenant_request_id_and_traceparent() -> None:
-    """They pass on as the job's tenant, job id and traceparent."""
+def test_request_id_and_traceparent() -> None:
+    """They pass on as the job's request id and traceparent."""
     tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-    got = options(**{"X-LLMQ-Tenant": "team a", "X-Request-Id": "req-1:2", "traceparent": tp})
-    assert (got.tenant, got.job_id, got.traceparent) == ("team a", "req-1:2", tp)
+    got = options(**{"X-Request-Id": "req-1:2", "traceparent": tp})
+    assert (got.request_id, got.traceparent) == ("req-1:2", tp)
     assert options(traceparent="x" * 300).traceparent is None  # dropped, not refused
-    assert (options().tenant, options().job_id, options().traceparent) == (None, None, None)
+    assert (options().tenant, options().request_id, options().traceparent) == (None, None, None)
+
+
+def test_the_tenant_is_the_keys_and_the_header_cannot_choose_one() -> None:
+    """X-LLMQ-Tenant is ignored unless the operator trusts it (a proxy sets it)."""
+    acme = Caller("k1", "acme")
+    claim = {"X-LLMQ-Tenant": "globex"}
+    limits = {"default_sla_ms": 30_000, "max_sla_ms": 600_000}
+    assert job_options(claim, caller=acme, **limits).tenant == "acme"
+    assert job_options(claim, caller=Caller("k2"), **limits).tenant is None
+    assert job_options(claim, **limits).tenant is None
+    trusted = job_options(claim, caller=acme, trust_tenant_header=True, **limits)
+    assert trusted.tenant == "globex"
+    assert job_options({}, caller=acme, trust_tenant_header=True, **limits).tenant == "acme"
+    # Ignored means ignored: a malformed header is no reason to refuse.
+    assert job_options({"X-LLMQ-Tenant": "a\tb"}, caller=acme, **limits).tenant == "acme"
 
 
 @pytest.mark.parametrize(
@@ -171,7 +295,7 @@ def test_tenant_request_id_and_traceparent() -> None:
 )
 def test_bad_tenant_or_request_id_is_refused(headers: dict[str, str]) -> None:
     with pytest.raises(BadRequest):
-        options(**headers)
+        job_options(headers, default_sla_ms=1, max_sla_ms=1, trust_tenant_header=True)
 
 
 @pytest.mark.parametrize("body", [[1], "text", 3, None])
@@ -288,3 +412,41 @@ def test_models_are_the_served_models_and_their_aliases() -> None:
     assert listed["object"] == "list"
     assert [m["id"] for m in listed["data"]] == ["first", "m1", "m2", "one"]
     assert listed["data"][0] == {"id": "first", "object": "model", "created": 0, "owned_by": "llmq"}
+
+
+# Secrets in operator output and logs
+
+
+def test_broker_problem_never_shows_the_password() -> None:
+    """Raw or percent-decoded, the broker password is masked in the start-up error."""
+    url = "amqp://llmq:p%40ss-s3cret@rabbit:5672/v"
+    loaded = load_settings(None, broker={"url": url})
+    text = _broker_problem(loaded, ConnectionError(f"login p@ss-s3cret refused at {url}"))
+    assert "s3cret" not in text and text.startswith("cannot reach the broker at rabbit:5672: ")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://admin:s3cret@127.0.0.1:1/", "http://admin:***@127.0.0.1:1/"),
+        ("amqps://u:p%40ss@h:5671/v?heartbeat=5", "amqps://u:***@h:5671/v?heartbeat=5"),
+        ("http://127.0.0.1:15672", "http://127.0.0.1:15672"),
+        ("http://u:s3cret@[::1/", "[unparseable URL]"),
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    ("raw", "logged"),
+    [
+        ("/v1/models", "/v1/models"),
+        ("/v1/models?api_key=sk-secret-xyz", "/v1/models?[redacted]"),
+        ("/healthz?", "/healthz"),
+        ("/v1/sk-secret-xyz/x", "/v1/[redacted]/x"),
+    ],
+)
+def test_logged_paths_carry_no_query_string(raw: str, logged: str) -> None:
+    assert loggable_path(raw) == logged
+    assert len(loggable_path("/" + "a" * 10_000)) <= 256
