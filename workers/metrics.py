@@ -29,6 +29,7 @@ from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.metrics import disable_created_metrics
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from schemas.settings import Settings
 from workers.events import (
     AttemptDone,
     BudgetAlert,
@@ -48,6 +49,7 @@ __all__ = [
     "MetricsServer",
     "Sources",
     "WorkerMetrics",
+    "configured_tenants",
     "new_registry",
     "register_state",
 ]
@@ -92,9 +94,17 @@ class Sources:
 class WorkerMetrics:
     """The worker's event-driven series; a :class:`~workers.events.Hook`."""
 
-    def __init__(self, registry: CollectorRegistry, *, max_tenants: int = 100) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        max_tenants: int = 100,
+        configured_tenants: Iterable[str] = (),
+    ) -> None:
         self._max_tenants = max_tenants
+        self._configured = frozenset(configured_tenants)
         self._tenants: set[str] = set()
+        """Tenants not in the configuration, labelled first-come in the slots left."""
         self.jobs = Counter(
             "llmq_jobs",
             "Jobs settled, by outcome (ok, error) and error code (none when ok);"
@@ -229,12 +239,17 @@ class WorkerMetrics:
             waits[1].observe(event.total_s)
 
     def tenant_label(self, tenant: str | None) -> str:
-        """The tenant's label value; past ``max_tenants`` distinct ones, ``(other)``."""
+        """The tenant's label value; past ``max_tenants`` distinct ones, ``(other)``.
+
+        Configured tenants always have their own label, so that any producer
+        naming junk tenants cannot push them into ``(other)``; the slots left
+        of ``max_tenants`` go to other tenants first-come.
+        """
         if tenant is None:
             return NO_TENANT
-        if tenant in self._tenants:
+        if tenant in self._configured or tenant in self._tenants:
             return tenant
-        if len(self._tenants) < self._max_tenants:
+        if len(self._tenants) + len(self._configured) < self._max_tenants:
             self._tenants.add(tenant)
             return tenant
         return OTHER_TENANT
@@ -352,6 +367,15 @@ class _StateCollector:
             spent.add_metric([b["scope"], b["name"]], b["spent_usd"])
             limit.add_metric([b["scope"], b["name"]], b["limit_usd"])
         yield from (spent, limit)
+
+
+def configured_tenants(settings: Settings) -> frozenset[str]:
+    """Tenants the configuration names: budgets, gateway keys, broker users, the default."""
+    tenancy = settings.tenancy
+    named = {*settings.budgets.tenants, *settings.gateway.tenants, *tenancy.users.values()}
+    if tenancy.default is not None:
+        named.add(tenancy.default)
+    return frozenset(named)
 
 
 def register_state(registry: CollectorRegistry, sources: Sources) -> None:

@@ -26,6 +26,7 @@ from workers.metrics import (
     MetricsServer,
     Sources,
     WorkerMetrics,
+    configured_tenants,
     new_registry,
     register_state,
 )
@@ -61,7 +62,11 @@ class Telemetry:
         self.router = router
         self._status = status
         self.registry = new_registry()
-        self.metrics = WorkerMetrics(self.registry, max_tenants=settings.metrics.max_tenants)
+        self.metrics = WorkerMetrics(
+            self.registry,
+            max_tenants=settings.metrics.max_tenants,
+            configured_tenants=configured_tenants(settings),
+        )
         self.book = StateBook(origin=self.origin, worker=name)
         self.hook: Hook = Hooks([LogHook(log), self.metrics, self.book])
         self.budgets = BudgetKeeper(settings.budgets, origin=self.origin, hook=self.hook)

@@ -30,7 +30,14 @@ from workers.events import (
     Retried,
     Spent,
 )
-from workers.metrics import GatewayMetrics, Sources, WorkerMetrics, new_registry, register_state
+from workers.metrics import (
+    GatewayMetrics,
+    Sources,
+    WorkerMetrics,
+    configured_tenants,
+    new_registry,
+    register_state,
+)
 from workers.routing import EndpointSpec, FailureKind, Router, RoutingConfig, Work
 from workers.state import STATE_VERSION, StateBook, decode_state
 from workers.tracing import NOOP_TRACER, make_tracer
@@ -181,6 +188,27 @@ def test_worker_metrics_count_events_and_cap_tenants() -> None:
     assert v("llmq_hedges_total", endpoint="b") == 1
     assert v("llmq_retry_budget_exhausted_total") == 1
     assert v("llmq_budget_alerts_total", scope="model", name="m1", threshold="0.5") == 1
+
+
+def test_configured_tenants_keep_their_label_whatever_comes_first() -> None:
+    """Junk tenants take the first-come slots only; configured ones always have a label."""
+    settings = load_settings(
+        None,
+        budgets={"tenants": {"acme": {"monthly_usd": 10}}},
+        gateway={"tenants": {"globex": "GLOBEX_KEYS"}},
+        tenancy={"users": {"svc-billing": "billing"}, "default": "shared"},
+    )
+    configured = configured_tenants(settings)
+    assert configured == {"acme", "globex", "billing", "shared"}
+    metrics = WorkerMetrics(new_registry(), max_tenants=6, configured_tenants=configured)
+    junk = [metrics.tenant_label(f"junk-{i}") for i in range(50)]
+    assert junk[:2] == ["junk-0", "junk-1"] and set(junk[2:]) == {"(other)"}
+    for tenant in ("acme", "globex", "billing", "shared"):
+        assert metrics.tenant_label(tenant) == tenant
+    assert metrics.tenant_label("junk-1") == "junk-1" and metrics.tenant_label(None) == "(none)"
+    # More configured tenants than slots: each still has its own label, no one else does.
+    crowded = WorkerMetrics(new_registry(), max_tenants=2, configured_tenants=configured)
+    assert crowded.tenant_label("late") == "(other)" and crowded.tenant_label("shared") == "shared"
 
 
 def test_state_collector_reads_live_state() -> None:
