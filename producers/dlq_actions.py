@@ -24,9 +24,11 @@ from producers.dlq_letters import Filter, replay_class, replay_headers
 from producers.dlq_queue import WINDOW, Confirm, DeadQueue, Selector, now_ms
 from schemas.settings import Settings
 
-__all__ = ["PurgeReport", "ReplayReport", "purge", "replay", "replay_message"]
+__all__ = ["UNDECODABLE", "PurgeReport", "ReplayReport", "purge", "replay", "replay_message"]
 
 _PUBLISH_TIMEOUT_S = 30.0
+UNDECODABLE = "its AMQP properties could not be decoded (no job to rebuild)"
+"""Why a replay leaves a dead letter whose properties could not be decoded where it is."""
 _BACKPRESSURE_TRIES = 8  # a full work queue: back off 0.2 s .. 5 s (jittered), about 12 s in all
 
 
@@ -118,9 +120,13 @@ async def replay(
                 letter = held.letter
                 target = replay_class(letter, classes)
                 if exchange is None:
-                    report.planned.append({**letter.row(now_ms()), "replay_to": target})
+                    to = target if letter.undecodable is None else "(refused: undecodable)"
+                    report.planned.append({**letter.row(now_ms()), "replay_to": to})
                     continue
-                if letter.job_id is not None and letter.job_id in sent:
+                if letter.undecodable is not None:
+                    # No id, reply_to or headers to rebuild a job from: it stays, the rest go on.
+                    report.failed[UNDECODABLE] = report.failed.get(UNDECODABLE, 0) + 1
+                elif letter.job_id is not None and letter.job_id in sent:
                     await dq.ack(held)
                     report.duplicates += 1
                 else:

@@ -2,7 +2,10 @@
 
 A dead letter has one of two shapes (docs/protocol.md, section 9): written by
 a worker, with the ``error-*`` headers, or written by the broker, with only
-``x-death``. :func:`read_letter` turns either into one :class:`DeadLetter`;
+``x-death``. Either may be a message whose AMQP properties could not be
+decoded (``workers/frames.py``): such a letter keeps the raw property bytes,
+cannot be replayed and has no job id of its own (it gets ``undecodable-<hash>``).
+:func:`read_letter` turns each into one :class:`DeadLetter`;
 :class:`Filter` selects them; :func:`replay_headers` computes the headers of
 a replay. No I/O and no clock here: ``now_ms`` is always passed in.
 """
@@ -11,7 +14,9 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import re
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -19,9 +24,11 @@ from enum import Enum
 from typing import Any, Literal, Protocol
 
 import orjson
+from pamqp import encode
 
 from schemas.contract import DEAD_HEADERS, HEADERS, SlaClass
 from schemas.errors import ErrorCode
+from workers.frames import RAW_LENGTH, raw_properties, undecodable
 
 __all__ = [
     "REMOVED_ON_REPLAY",
@@ -100,6 +107,8 @@ class DeadLetter:
     """``sla-class``, else ``x-death[0].routing-keys[0]``."""
     replay_count: int
     headers: Mapping[str, Any] = field(repr=False)
+    undecodable: str | None = None
+    """Why its AMQP properties could not be decoded (then it cannot be replayed)."""
 
     def age_s(self, now_ms: int) -> float | None:
         """Seconds since it failed, or None when nothing says when."""
@@ -121,6 +130,7 @@ class DeadLetter:
             "worker": self.worker,
             "sla_class": self.sla_class,
             "replay_count": self.replay_count,
+            "undecodable": self.undecodable,
         }
 
 
@@ -128,11 +138,19 @@ def read_letter(message: MessageLike) -> DeadLetter:
     """Read a message of the dead-letter queue, whichever shape it has."""
     headers: Mapping[str, Any] = message.headers or {}
     death = _first_death(headers)
+    unreadable = undecodable(headers)
     code = _text(headers.get(DEAD_HEADERS.ERROR_CODE))
     if code is not None:
         source: Literal["worker", "broker"] = "worker"
         error = _text(headers.get(DEAD_HEADERS.ERROR)) or ""
         failed_at = _int(headers.get(DEAD_HEADERS.FAILED_AT))
+    elif unreadable is not None:
+        # Its own properties cannot be decoded (the broker dead-lettered it, or
+        # it was published here): what it says is in the raw bytes only.
+        source = "broker"
+        code = ErrorCode.INVALID_REQUEST.value
+        error = f"AMQP properties could not be decoded: {unreadable}"
+        failed_at = None
     else:
         source = "broker"
         reason = _text(death.get("reason")) or "unknown"
@@ -145,8 +163,13 @@ def read_letter(message: MessageLike) -> DeadLetter:
         failed_at = _time_ms(death.get("time"))
     if failed_at is None:
         failed_at = _int(headers.get(HEADERS.PUBLISHED_MS)) or _time_ms(message.timestamp)
+    job_id = message.message_id
+    if job_id is None and unreadable is not None:
+        # A stable handle, so ``llmq dlq show`` can find it.
+        raw = raw_properties(headers) or b""
+        job_id = "undecodable-" + hashlib.sha256(raw + message.body).hexdigest()[:12]
     return DeadLetter(
-        job_id=message.message_id,
+        job_id=job_id,
         code=code,
         error=error,
         source=source,
@@ -157,6 +180,7 @@ def read_letter(message: MessageLike) -> DeadLetter:
         sla_class=_text(headers.get(DEAD_HEADERS.SLA_CLASS)) or _first_key(death),
         replay_count=_int(headers.get(HEADERS.REPLAY_COUNT)) or 0,
         headers=headers,
+        undecodable=unreadable,
     )
 
 
@@ -267,13 +291,27 @@ def replay_headers(
     out = {
         k: v
         for k, v in headers.items()
-        if k not in REMOVED_ON_REPLAY and not k.lower().startswith("x-")
+        if k not in REMOVED_ON_REPLAY and not k.lower().startswith("x-") and _encodable(v)
     }
     original = _int(headers.get(HEADERS.SLA_MS))
     out[HEADERS.SLA_MS] = sla_ms or (original if original and original > 0 else default_sla_ms)
     out[HEADERS.PUBLISHED_MS] = now_ms
     out[HEADERS.REPLAY_COUNT] = (_int(headers.get(HEADERS.REPLAY_COUNT)) or 0) + 1
     return out
+
+
+def _encodable(value: Any) -> bool:
+    """Whether the client library can write this header value again.
+
+    It reads some it cannot write (a long string that is not UTF-8 comes back
+    as bytes, a decimal past 32 bits, a double past float range): a replay
+    drops those rather than fail on them.
+    """
+    try:
+        encode.encode_table_value(value)
+    except (TypeError, ValueError, OverflowError, RecursionError, struct.error):
+        return False
+    return True
 
 
 def parse_duration(text: str) -> float:
@@ -355,6 +393,7 @@ def details(message: MessageLike) -> dict[str, Any]:
     headers = redact(message.headers or {})
     reply = headers.pop("reply", None)
     return {
+        "undecodable": _undecodable_details(message.headers or {}),
         "properties": props,
         "headers": jsonable(headers),
         "reply": _json_or_text(reply) if isinstance(reply, bytes | str) else jsonable(reply),
@@ -362,8 +401,28 @@ def details(message: MessageLike) -> dict[str, Any]:
     }
 
 
+_HEX_SHOWN = 1_024
+
+
+def _undecodable_details(headers: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Why a letter's properties could not be decoded, and their raw bytes as hex."""
+    reason = undecodable(headers)
+    if reason is None:
+        return None
+    raw = raw_properties(headers) or b""
+    length = _int(headers.get(RAW_LENGTH))
+    return {
+        "reason": reason,
+        "raw_properties_length": length,
+        "raw_properties_kept": len(raw),
+        "raw_properties_hex": raw[:_HEX_SHOWN].hex(" ") + (" …" if len(raw) > _HEX_SHOWN else ""),
+    }
+
+
 def _json_or_text(raw: bytes | str) -> Any:
     try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        data = orjson.loads(raw)
+        orjson.dumps(data)  # orjson reads 1,024 levels deep but writes only 254
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
         return jsonable(raw)
+    return data

@@ -1,4 +1,10 @@
-"""How ``llmq dlq`` prints: rich tables and summaries, nothing else."""
+"""How ``llmq dlq`` prints: rich tables and summaries, nothing else.
+
+Everything a dead letter says (ids, codes, errors, models, headers) came from
+a producer and is printed as plain text: rich markup in it is not interpreted
+(``[/x]`` would raise) and control characters are escaped, so a dead letter
+can neither crash the listing nor send escape sequences to the terminal.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +15,17 @@ from typing import Any
 from producers.dlq_actions import ReplayReport
 from producers.dlq_letters import DeadLetter, format_age
 
-__all__ = ["console", "letters_table", "plural", "print_letter", "print_replay"]
+__all__ = ["console", "letters_table", "plain", "plural", "print_letter", "print_replay"]
 
 _ERROR_WIDTH = 60
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+
+
+def plain(value: object) -> Any:
+    """Untrusted text as a rich ``Text``: no markup, control characters escaped."""
+    from rich.text import Text
+
+    return Text(str(value).translate(_CONTROL))
 
 
 def console(stderr: bool = False) -> Any:
@@ -41,13 +55,13 @@ def letters_table(letters: Iterable[DeadLetter], now_ms: int, title: str) -> Any
         if len(error) > _ERROR_WIDTH:
             error = error[: _ERROR_WIDTH - 1] + "…"
         table.add_row(
-            letter.job_id or "-",
-            letter.model or "-",
-            letter.code,
+            plain(letter.job_id or "-"),
+            plain(letter.model or "-"),
+            plain(letter.code),
             "-" if letter.attempts is None else str(letter.attempts),
             format_age(letter.age_s(now_ms)),
-            letter.worker or ("(broker)" if letter.source == "broker" else "-"),
-            error,
+            plain(letter.worker or ("(broker)" if letter.source == "broker" else "-")),
+            plain(error),
         )
     return table
 
@@ -59,10 +73,10 @@ def print_letter(out: Any, summary: dict[str, Any], full: dict[str, Any]) -> Non
 
     table = Table(show_header=False, box=None)
     for key, value in summary.items():
-        table.add_row(key, "-" if value is None else str(value))
+        table.add_row(key, plain("-" if value is None else value))
     out.print(table)
-    for section in ("properties", "headers", "reply", "body"):
-        if full[section] is not None:
+    for section in ("undecodable", "properties", "headers", "reply", "body"):
+        if full.get(section) is not None:
             out.rule(section)
             out.print(JSON.from_data(full[section]))
     if full["copies"] > 1:
@@ -79,12 +93,12 @@ def print_replay(out: Any, report: ReplayReport, jobs_exchange: str) -> None:
             table.add_column(col, no_wrap=True)
         for row in report.planned:
             table.add_row(
-                row["job_id"] or "-",
-                row["model"] or "-",
-                row["code"],
+                plain(row["job_id"] or "-"),
+                plain(row["model"] or "-"),
+                plain(row["code"]),
                 str(row["replay_count"]),
                 format_age(row["age_s"]),
-                row["replay_to"],
+                plain(row["replay_to"]),
             )
         out.print(table)
         out.print(f"{report.matched} of {plural(report.total, 'dead letter')} match")
@@ -95,8 +109,10 @@ def print_replay(out: Any, report: ReplayReport, jobs_exchange: str) -> None:
     codes = ", ".join(f"{k}={v}" for k, v in sorted(report.by_code.items())) or "-"
     classes = ", ".join(f"{k}={v}" for k, v in sorted(report.by_class.items())) or "-"
     out.print(
-        f"replayed {report.replayed} of {report.matched} matching dead letters"
-        f" (of {report.total}) to {jobs_exchange}: by code {codes}; by class {classes}"
+        plain(
+            f"replayed {report.replayed} of {report.matched} matching dead letters"
+            f" (of {report.total}) to {jobs_exchange}: by code {codes}; by class {classes}"
+        )
     )
     if report.duplicates:
         out.print(f"dropped {report.duplicates} extra copies of jobs already replayed")
