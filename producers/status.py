@@ -38,6 +38,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 
 from schemas.settings import ConfigError, Settings, load_settings
 from workers.errors import redact, redact_url, url_secrets
+from workers.frame_reader import SafeConnection
 from workers.routing.spend import Budget, SpendLedger
 from workers.state import decode_state
 
@@ -217,8 +218,12 @@ class StatusReader:
 
     async def __aenter__(self) -> StatusReader:
         url = self.settings.broker.url.get_secret_value()
+        # Frames read through the guard (workers/frames.py): anyone who may publish
+        # to the state exchange could otherwise end this connection with one message.
         self._connection = await aio_pika.connect(
-            url, client_properties={"connection_name": "llmq-status"}
+            url,
+            client_properties={"connection_name": "llmq-status"},
+            connection_class=SafeConnection,
         )
         await self._listen()
         return self
