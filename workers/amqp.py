@@ -28,7 +28,7 @@ from pamqp import encode
 from pamqp.commands import Basic
 
 from schemas.contract import CONTENT_TYPE, DEAD_HEADERS, HEADERS
-from workers.errors import BrokerFailure, Unroutable
+from workers.errors import BrokerFailure, Refused, Unroutable
 from workers.frame_reader import SafeRobustConnection
 
 __all__ = [
@@ -107,7 +107,8 @@ class Publisher:
     async def publish(
         self, message: Outgoing, *, exchange: str, routing_key: str, timeout_s: float = 30
     ) -> None:
-        """Publish with ``mandatory``; raises :class:`Unroutable` or :class:`BrokerFailure`.
+        """Publish with ``mandatory``; raises :class:`Unroutable`, :class:`Refused` (a nack)
+        or :class:`BrokerFailure`.
 
         While the connection is down (a broker restart, a reconnect that comes
         back after the consuming side's) it waits and publishes again, up to
@@ -137,7 +138,7 @@ class Publisher:
             except aiormq.exceptions.PublishError:
                 raise Unroutable(f"no queue for {exchange or '(default)'}/{routing_key}") from None
             except aiormq.exceptions.DeliveryError:
-                raise BrokerFailure(
+                raise Refused(
                     f"broker refused the message for {routing_key} (queue full?)"
                 ) from None
             except (

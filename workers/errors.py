@@ -5,7 +5,8 @@
     WorkerError
     ├── UpstreamFailure        one attempt at one endpoint failed (carries a FailureKind)
     └── BrokerFailure          the broker could not take a reply or dead letter
-        └── Unroutable         the message was returned (no queue bound / reply queue gone)
+        ├── Unroutable         the message was returned (no queue bound / reply queue gone)
+        └── Refused            the broker nacked it (the target queue is full)
 
 Nothing here may carry an API key: ``redact`` scrubs upstream text before it
 becomes a message, a log line or a dead-letter header.
@@ -21,6 +22,7 @@ from workers.routing import FailureKind
 
 __all__ = [
     "BrokerFailure",
+    "Refused",
     "Unroutable",
     "UpstreamFailure",
     "WorkerError",
@@ -64,6 +66,10 @@ class BrokerFailure(WorkerError):
 
 class Unroutable(BrokerFailure):
     """The broker returned the message: nothing is bound to that routing key."""
+
+
+class Refused(BrokerFailure):
+    """The broker nacked the message: a queue it routes to refuses it (full)."""
 
 
 # What upstreams echo of a key: OpenAI-style "sk-..." (masked or whole),

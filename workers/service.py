@@ -37,7 +37,7 @@ from workers.amqp import (
     reply_message,
 )
 from workers.attempts import Dispatcher, Failed, Served
-from workers.errors import BrokerFailure, Unroutable
+from workers.errors import BrokerFailure, Refused, Unroutable
 from workers.events import JobDone, ObservedBudget, Spent
 from workers.frames import undecodable
 from workers.preflight import preflight
@@ -546,9 +546,12 @@ class Worker:
                     exchange="",
                     routing_key=outcome.reply_to,
                 )
-            except Unroutable:
+            except (Unroutable, Refused) as exc:
+                # The caller's queue is gone or full: keep the answer in the dead
+                # letter rather than requeue the job into the same wall.
                 plan = disposition(outcome.code, has_reply_to=True, reply_unroutable=True)
-                extra = {DEAD_HEADERS.REPLY_ERROR: "reply_to queue does not exist"}
+                why = "does not exist" if isinstance(exc, Unroutable) else "refused it (full)"
+                extra = {DEAD_HEADERS.REPLY_ERROR: f"reply_to queue {why}"}
                 undelivered = outcome.reply
         if plan.dead_letter:
             assert plan.code is not None

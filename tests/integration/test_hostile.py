@@ -300,3 +300,29 @@ async def test_strict_preflight_refuses_a_broker_whose_consumer_timeout_is_too_s
         worker = Worker(base.model_copy(update={"broker": broker}), name="preflight-worker")
         with pytest.raises(ConfigError, match="preflight"):
             await worker.start()
+
+
+async def test_a_full_reply_queue_ends_in_one_dead_letter_not_a_requeue_loop(
+    make_settings: Callable[..., Settings], connection: aio_pika.abc.AbstractConnection
+) -> None:
+    """A caller whose reply queue refuses messages (full, reject-publish): the answer is
+    kept in the dead letter at once; the job is not requeued into the same wall."""
+    async with running_fleet({"name": "a", "models": ["m1"]}) as fleet:
+        settings = make_settings(fleet)
+        channel = await connection.channel()
+        full = await channel.declare_queue(
+            f"llmq.reply.full-{uuid.uuid4().hex[:6]}",
+            exclusive=True,
+            arguments={"x-max-length": 0, "x-overflow": "reject-publish"},
+        )
+        async with started(settings, connection) as (worker, caller):
+            job = await caller.publish(chat(), reply_to=full.name)
+            await caller.wait_for(lambda: job in caller.dead_ids())
+            await answered_normally(caller)
+            requeued, requests = worker.stats.requeued, fleet.stats()["a"].requests
+        await channel.close()
+    [dead] = caller.dead
+    assert dead.headers["error-code"] == "internal_error"
+    assert dead.headers["reply-error"] == "reply_to queue refused it (full)"
+    assert orjson.loads(dead.headers["reply"])["status"] == "ok"
+    assert requeued == 0 and requests == 2
