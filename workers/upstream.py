@@ -38,6 +38,9 @@ __all__ = [
 
 _RETRY_AFTER_CAP_S = 300.0
 _MAX_ERROR_TEXT = 300
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+"""The largest upstream answer read (decompressed): an answer is input too, and
+one that never ends must not take the worker's memory."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,10 +171,30 @@ def _headers(target: Target, traceparent: str | None) -> dict[str, str]:
     return {**target.headers, "traceparent": traceparent}
 
 
+async def _read_bounded(target: Target, response: aiohttp.ClientResponse, limit: int) -> bytes:
+    if response.content_length is not None and response.content_length > limit:
+        raise _too_large(target, limit)
+    if response.content_length is not None and not response.headers.get("Content-Encoding"):
+        return await response.read()  # the common case: the size is known and small
+    buf = bytearray()
+    while chunk := await response.content.read(limit + 1 - len(buf)):
+        buf += chunk
+        if len(buf) > limit:
+            raise _too_large(target, limit)
+    return bytes(buf)
+
+
+def _too_large(target: Target, limit: int) -> UpstreamFailure:
+    return UpstreamFailure(
+        FailureKind.MALFORMED, f"{target.name}: answer larger than {limit} bytes"
+    )
+
+
 class AiohttpUpstream:
     """The default adapter: one ``aiohttp.ClientSession`` with a shared pool."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int = MAX_RESPONSE_BYTES) -> None:
+        self._max_bytes = max_bytes
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
             auto_decompress=True,
@@ -186,7 +209,7 @@ class AiohttpUpstream:
             async with self._session.post(
                 target.url, data=body, headers=_headers(target, traceparent), timeout=timeout
             ) as response:
-                raw = await response.read()
+                raw = await _read_bounded(target, response, self._max_bytes)
                 return classify(target, response.status, response.headers, raw)
         except TimeoutError:
             raise UpstreamFailure(
@@ -208,7 +231,10 @@ class AiohttpUpstream:
 class HttpxUpstream:
     """``httpx.AsyncClient``, with httpx's own transport or the aiohttp one."""
 
-    def __init__(self, *, aiohttp_transport: bool = False) -> None:
+    def __init__(
+        self, *, aiohttp_transport: bool = False, max_bytes: int = MAX_RESPONSE_BYTES
+    ) -> None:
+        self._max_bytes = max_bytes
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=1000)
         transport: httpx.AsyncBaseTransport
         if aiohttp_transport:
@@ -242,6 +268,8 @@ class HttpxUpstream:
             raise UpstreamFailure(
                 FailureKind.SERVER_ERROR, f"{target.name}: {type(exc).__name__}"
             ) from None
+        if len(response.content) > self._max_bytes:  # read whole first: httpx has no cap
+            raise _too_large(target, self._max_bytes)
         return classify(target, response.status_code, response.headers, response.content)
 
     async def aclose(self) -> None:
