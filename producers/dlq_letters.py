@@ -164,10 +164,12 @@ def read_letter(message: MessageLike) -> DeadLetter:
     if failed_at is None:
         failed_at = _int(headers.get(HEADERS.PUBLISHED_MS)) or _time_ms(message.timestamp)
     job_id = message.message_id
-    if job_id is None and unreadable is not None:
-        # A stable handle, so ``llmq dlq show`` can find it.
-        raw = raw_properties(headers) or b""
-        job_id = "undecodable-" + hashlib.sha256(raw + message.body).hexdigest()[:12]
+    if unreadable is not None:
+        # The job's own id was in the bytes nobody could decode (a worker's dead
+        # letter of it has the client library's random one): a stable handle instead,
+        # from what a requeue leaves alone (the broker rewrites the properties then).
+        seed = unreadable.encode() + b"\0" + message.body
+        job_id = "undecodable-" + hashlib.sha256(seed).hexdigest()[:12]
     return DeadLetter(
         job_id=job_id,
         code=code,
@@ -304,8 +306,8 @@ def _encodable(value: Any) -> bool:
     """Whether the client library can write this header value again.
 
     It reads some it cannot write (a long string that is not UTF-8 comes back
-    as bytes, a decimal past 32 bits, a double past float range): a replay
-    drops those rather than fail on them.
+    as bytes; a double is written back as a float, which 1e300 overflows): a
+    replay drops those rather than fail on them.
     """
     try:
         encode.encode_table_value(value)

@@ -186,6 +186,11 @@ class RawPublisher:
         rest = await self._reader.readexactly(size + 1)
         if head[0] != 1:
             return None  # a returned message's content: ours, possibly undecodable
+        if rest[:4] in (b"\x00\x0a\x00\x32", b"\x00\x14\x00\x28"):  # Connection/Channel.Close
+            (code,) = struct.unpack_from(">H", rest, 4)
+            # A close may quote our bytes (a user_id that is not UTF-8): read it leniently.
+            text = rest[7 : 7 + rest[6]].decode("utf-8", "replace")
+            raise Refused(code, text)
         return frame.unmarshal(head + rest)[2]
 
     async def _expect(self, kind: type[Frame]) -> Frame:
