@@ -229,7 +229,8 @@ def _int(value: Any) -> int | None:
         value = int(text) if text.isascii() and text.isdigit() else None
     if isinstance(value, bool) or not isinstance(value, int):
         return None
-    return value
+    # Twenty digits can pass 64 bits, which neither AMQP nor orjson can write.
+    return value if -(2**63) <= value < 2**63 else None
 
 
 def _time_ms(value: Any) -> int | None:

@@ -97,15 +97,13 @@ HOSTILE = {
 
 
 @pytest.mark.parametrize("block", HOSTILE.values(), ids=HOSTILE.keys())
-def test_pamqp_raises_on_each_hostile_block(block: bytes) -> None:
-    """The failure being fixed: pamqp's decoder raises (not only ValueError)."""
-    with pytest.raises((PAMQPException, OverflowError, RecursionError)):
-        frame.unmarshal(header_frame(block))
-
-
-@pytest.mark.parametrize("block", HOSTILE.values(), ids=HOSTILE.keys())
 def test_guard_marks_each_hostile_block_keeping_body_size_and_raw_bytes(block: bytes) -> None:
-    guarded = FrameGuard().frame(header_frame(block, body_size=1234, channel=3))
+    original = header_frame(block, body_size=1234, channel=3)
+    # The failure being fixed: pamqp raises (and not only ValueError) ...
+    with pytest.raises((PAMQPException, OverflowError, RecursionError)):
+        frame.unmarshal(original)
+    # ... and on what the guard hands over it cannot.
+    guarded = FrameGuard().frame(original)
     _, channel, decoded = frame.unmarshal(guarded)
     assert channel == 3 and isinstance(decoded, header.ContentHeader)
     assert decoded.body_size == 1234
@@ -359,13 +357,10 @@ def _fed(data: bytes) -> asyncio.StreamReader:
     return reader
 
 
-async def test_aiormq_frame_receiver_dies_without_the_guard() -> None:
-    with pytest.raises(InvalidFrameError, match="year 292278994 is out of range"):
-        await _receive(_fed(b"".join(_stream())), len(_stream()))
-
-
 async def test_aiormq_frame_receiver_reads_every_frame_through_the_guard() -> None:
     frames = _stream()
+    with pytest.raises(InvalidFrameError, match="year 292278994 is out of range"):
+        await _receive(_fed(b"".join(frames)), len(frames))  # what ended the connection
     got = await _receive(SafeFrameReader(_fed(b"".join(frames))), len(frames))
     headers = [f for f in got if isinstance(f, header.ContentHeader)]
     assert [undecodable(h.properties.headers) is not None for h in headers] == [
