@@ -10,8 +10,8 @@ are below. Run it from the repository root after changing either:
 The committed file holds the *development* passwords of docs/operations.md
 ("Users and permissions"), as salted hashes. For a real broker, render a
 private copy with your own passwords, read from the environment
-(``RABBITMQ_PASSWORD_ADMIN``, ``..._PRODUCER``, ``..._WORKER``,
-``..._OPERATOR``, ``..._MONITOR``) and hashed with a random salt:
+(``RABBITMQ_PASSWORD_ADMIN``, ``..._PRODUCER``, ``..._GATEWAY``,
+``..._WORKER``, ``..._OPERATOR``, ``..._MONITOR``) and hashed with a random salt:
 
     .venv/bin/python deploy/rabbitmq/render_definitions.py \\
         --passwords-from-env --out /secure/place/definitions.json
@@ -32,7 +32,7 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,14 @@ def roles(topo: TopologySettings | None = None) -> list[Role]:
     state_name = getattr(t, "state_exchange", "llmq.state")
     state_exchange = re.escape(state_name)
     state_queue = re.escape(state_name) + r"\..+"
+    producer = Role(
+        name="llmq-producer",
+        purpose="services, `llmq submit`: publish jobs, read own replies",
+        configure=_any(reply),
+        write=_any(jobs),
+        read=_any(reply),
+        jobs_routing_keys=True,
+    )
     return [
         Role(
             name="llmq-admin",
@@ -101,13 +109,14 @@ def roles(topo: TopologySettings | None = None) -> list[Role]:
             read=".*",
             tags=("administrator",),
         ),
-        Role(
-            name="llmq-producer",
-            purpose="services, the gateway, `llmq submit`: publish jobs, read own replies",
-            configure=_any(reply),
-            write=_any(jobs),
-            read=_any(reply),
-            jobs_routing_keys=True,
+        producer,
+        # The producer's rights exactly, under a name of its own: workers believe
+        # the `tenant` header of this user's jobs ([tenancy] trust_header_from),
+        # which must never be true of every service sharing llmq-producer.
+        replace(
+            producer,
+            name="llmq-gateway",
+            purpose="`llmq gateway`: a producer whose `tenant` header workers believe",
         ),
         Role(
             name="llmq-worker",

@@ -9,8 +9,9 @@ imports the definitions at boot, as the compose service does. Then:
 * the consumer timeout in force is the file's;
 * KEDA's HTTP query, with the ScaledObject's own queue regex and the
   llmq-monitor user, counts ready *and* unacknowledged jobs;
-* `llmq status`'s management query works for llmq-operator, and neither the
-  producer nor the monitor can read a message over HTTP;
+* `llmq status`'s management query works for llmq-operator, the producer and
+  gateway users have no management API at all, and the monitor can read no
+  message over HTTP;
 * every rabbitmq_* series the Grafana dashboard queries is exported.
 """
 
@@ -274,8 +275,9 @@ def test_management_api_rights_per_user(node: Node) -> None:
     columns = "columns=name,messages_ready,messages_unacknowledged,consumers"
     status, _ = node.api("llmq-operator", f"queues/{vhost}?{columns}")
     assert status == 200, "`llmq status` reads queue depths as llmq-operator"
-    status, _ = node.api("llmq-producer", f"queues/{vhost}")
-    assert status == 401, "producers are no management users"
+    for user in ("llmq-producer", "llmq-gateway"):
+        status, _ = node.api(user, f"queues/{vhost}")
+        assert status == 401, f"{user}: producers are no management users"
     get = {"count": 1, "ackmode": "ack_requeue_true", "encoding": "auto"}
     for user in ("llmq-monitor", "llmq-operator"):
         work = quote(TOPO.queue_name("interactive"), safe="")

@@ -21,7 +21,7 @@ from schemas.settings import Settings, load_settings
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
 LLMQ_TOML = DEPLOY / "compose" / "llmq.toml"
-LLMQ_SERVICES = {"worker": "llmq-worker", "gateway": "llmq-producer", "ops": "llmq-operator"}
+LLMQ_SERVICES = {"worker": "llmq-worker", "gateway": "llmq-gateway", "ops": "llmq-operator"}
 # After grace_s the worker cancels what is left and waits up to 5 s for it
 # (workers/service.py, Worker.stop), then closes its connections.
 WORKER_CLOSING_S = 10
@@ -149,6 +149,27 @@ def test_llmq_services_log_in_as_their_own_least_privileged_user(
         assert services[name]["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
     # The worker user may not declare the topology: definitions.json did.
     assert "--no-declare" in services["worker"]["command"]
+
+
+def test_workers_believe_the_tenant_header_of_the_gateway_and_operator_only(
+    services: dict[str, dict[str, Any]], settings: Settings
+) -> None:
+    """The gateway takes tenants from API keys and a replay keeps a dead letter's:
+    their users' tenant headers are believed, and no other user's (llmq-producer
+    is shared by services, any of which could otherwise claim any tenant)."""
+    from workers.service import admission
+
+    def user(service: str) -> str | None:
+        return urlsplit(default_of(services[service]["environment"]["LLMQ_BROKER__URL"])).username
+
+    trusted = {user("gateway"), user("ops")}
+    assert trusted == {"llmq-gateway", "llmq-operator"}
+    assert set(settings.tenancy.trust_header_from) == trusted
+    rules = admission(settings)
+    for name in trusted:
+        assert rules.tenant(name, "acme") == "acme", name
+    for name in ("llmq-producer", user("worker"), None):
+        assert rules.tenant(name, "acme") is None, name
 
 
 def test_no_secret_is_written_into_the_compose_file(services: dict[str, dict[str, Any]]) -> None:

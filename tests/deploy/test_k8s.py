@@ -158,13 +158,37 @@ def test_gateway_pods_drain_and_are_served(
     assert annotations["prometheus.io/port"] == str(settings.gateway.metrics_port)
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     env = {e["name"]: e for e in c["env"]}
-    assert env["LLMQ_BROKER__URL"]["valueFrom"]["secretKeyRef"]["key"] == "producer-amqp-url"
+    assert env["LLMQ_BROKER__URL"]["valueFrom"]["secretKeyRef"]["key"] == "gateway-amqp-url"
     assert settings.gateway.api_keys_env in env
     for endpoint in settings.endpoints:  # the gateway never gets an upstream key
         assert "valueFrom" not in env[endpoint.api_key_env or ""]
     service = manifests[("Service", "llmq-gateway")]
     assert service["spec"]["selector"] == gateway["spec"]["selector"]["matchLabels"]
     assert [p["targetPort"] for p in service["spec"]["ports"]] == [port["name"]]
+
+
+def test_workers_believe_the_tenant_header_of_the_gateway_and_operator_only(
+    manifests: dict[tuple[str, str], dict[str, Any]], settings: Settings
+) -> None:
+    """The gateway pods log in as a user of their own, and that user's and the
+    operator's tenant headers are the only ones the workers believe."""
+    from workers.service import admission
+
+    secret = manifests[("Secret", "llmq-secrets")]["stringData"]
+    gateway = next(
+        e
+        for e in container(manifests[("Deployment", "llmq-gateway")])["env"]
+        if e["name"] == "LLMQ_BROKER__URL"
+    )
+    gateway_user = urlsplit(secret[gateway["valueFrom"]["secretKeyRef"]["key"]]).username
+    worker_user = urlsplit(secret["worker-amqp-url"]).username
+    assert gateway_user == "llmq-gateway"
+    assert sorted(settings.tenancy.trust_header_from) == ["llmq-gateway", "llmq-operator"]
+    rules = admission(settings)
+    for trusted in ("llmq-gateway", "llmq-operator"):
+        assert rules.tenant(trusted, "acme") == "acme", trusted
+    for other in ("llmq-producer", worker_user, None):
+        assert rules.tenant(other, "acme") is None, other
 
 
 def test_pods_run_unprivileged(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:

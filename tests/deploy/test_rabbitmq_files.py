@@ -65,6 +65,7 @@ def test_users_have_hashes_of_their_documented_dev_passwords(
     assert {u["name"]: u["tags"] for u in definitions["users"]} == {
         "llmq-admin": ["administrator"],
         "llmq-producer": [],
+        "llmq-gateway": [],
         "llmq-worker": [],
         "llmq-operator": ["management"],
         "llmq-monitor": ["management"],
@@ -117,6 +118,7 @@ def test_permissions_are_least_privilege(definitions: dict[str, Any]) -> None:
     assert admitted("llmq-operator", "read") == {dead, state}
 
     for kind in ("configure", "write", "read"):
+        assert admitted("llmq-gateway", kind) == admitted("llmq-producer", kind)
         assert admitted("llmq-monitor", kind) == set()
         assert perms(definitions, "llmq-admin")[kind] == ".*"
     for user in ("llmq-worker", "llmq-operator"):
@@ -125,12 +127,32 @@ def test_permissions_are_least_privilege(definitions: dict[str, Any]) -> None:
         assert matches(perms(definitions, user)["read"], own)
 
 
+def test_the_gateway_has_exactly_the_producers_rights(definitions: dict[str, Any]) -> None:
+    """A user of its own (workers believe its tenant header), allowed no more and no
+    less than a producer: same patterns, same topic permission, no tags."""
+
+    def rights(user: str) -> tuple[Any, ...]:
+        [tags] = [u["tags"] for u in definitions["users"] if u["name"] == user]
+        [topic] = [
+            {k: v for k, v in t.items() if k != "user"}
+            for t in definitions["topic_permissions"]
+            if t["user"] == user
+        ]
+        own = {k: v for k, v in perms(definitions, user).items() if k != "user"}
+        return own, topic, tags
+
+    assert rights("llmq-gateway") == rights("llmq-producer")
+    gateway = next(u for u in definitions["users"] if u["name"] == "llmq-gateway")
+    producer = next(u for u in definitions["users"] if u["name"] == "llmq-producer")
+    assert gateway["password_hash"] != producer["password_hash"]
+
+
 def test_topic_permissions_limit_job_routing_keys_to_the_sla_classes(
     definitions: dict[str, Any],
 ) -> None:
     keys = {b.routing_key for b in plan(TOPO).bindings if b.exchange == TOPO.jobs_exchange}
     publishers = {p["user"] for p in definitions["topic_permissions"]}
-    assert publishers == {"llmq-producer", "llmq-operator"}
+    assert publishers == {"llmq-producer", "llmq-gateway", "llmq-operator"}
     for entry in definitions["topic_permissions"]:
         assert entry["exchange"] == TOPO.jobs_exchange
         for key in keys:

@@ -4,9 +4,10 @@ The file is imported with ``rabbitmqctl import_definitions`` into a private
 vhost, its users renamed with a unique suffix (same passwords, permissions
 and topic permissions), and removed again afterwards. Then the real code
 runs as those users: ``LlmqClient`` (what the gateway uses) as the
-producer, a ``Worker`` with ``--no-declare`` as the worker, and the dead-letter
-moves of ``llmq dlq`` as the operator; and each user is shown to be refused
-what it must not do (``ACCESS_REFUSED``).
+producer and as the gateway, a ``Worker`` with ``--no-declare`` as the worker,
+and the dead-letter moves of ``llmq dlq`` as the operator; and each user is
+shown to be refused what it must not do (``ACCESS_REFUSED``), and the producer
+to be unable to publish in the gateway's name.
 """
 
 from __future__ import annotations
@@ -239,16 +240,20 @@ def test_every_user_logs_in_with_its_documented_dev_password(deployed: Deployed)
     assert wrong.returncode != 0
 
 
-async def test_producer_publishes_jobs_and_reads_only_its_replies(deployed: Deployed) -> None:
+@pytest.mark.parametrize("role", ["llmq-producer", "llmq-gateway"])
+async def test_producer_publishes_jobs_and_reads_only_its_replies(
+    deployed: Deployed, role: str
+) -> None:
+    """The gateway's user is a producer with a name of its own: no more rights."""
     # The real client: declares and consumes its own reply queue, publishes to llmq.jobs.
-    async with LlmqClient(deployed.url("llmq-producer"), exchange=TOPO.jobs_exchange) as client:
+    async with LlmqClient(deployed.url(role), exchange=TOPO.jobs_exchange) as client:
         await client.submit(chat(), sla_class="interactive")
         await client.submit(chat(), sla_class="batch")
         reply_queue = client.reply_queue
     await wait_depth(deployed, TOPO.queue_name("interactive"), 1)
     await wait_depth(deployed, TOPO.queue_name("batch"), 1)
 
-    async with connected(deployed, "llmq-producer") as conn:
+    async with connected(deployed, role) as conn:
         # The issue's point: a producer can neither take jobs nor read dead letters.
         for queue in [*WORK_QUEUES, DEAD]:
             assert f"access to queue '{queue}'" in await refused(conn, consume(queue))
@@ -264,6 +269,33 @@ async def test_producer_publishes_jobs_and_reads_only_its_replies(deployed: Depl
     assert reply_queue.startswith("llmq.reply.")
     # Nothing the producer tried moved a job.
     assert await depth(deployed, TOPO.queue_name("interactive")) == 1
+
+
+async def test_only_the_gateway_publishes_in_the_gateways_name(deployed: Deployed) -> None:
+    """Workers believe the tenant header of jobs whose user_id is the gateway's: the
+    broker lets only the gateway's user send that user_id."""
+    interactive = TOPO.queue_name("interactive")
+    gateway = deployed.users["llmq-gateway"]
+    async with LlmqClient(deployed.url("llmq-gateway"), exchange=TOPO.jobs_exchange) as client:
+        await client.submit(chat(), sla_class="interactive", tenant="acme")
+    await wait_depth(deployed, interactive, 1)
+    async with connected(deployed, "llmq-admin") as admin:
+        channel = await admin.channel()
+        queue = await channel.get_queue(interactive, ensure=False)
+        job = await queue.get(fail=True, no_ack=True, timeout=5)
+    assert job is not None and job.user_id == gateway
+    assert (job.headers or {}).get("tenant") == "acme"
+
+    # A producer claiming to be the gateway: RabbitMQ closes the channel (406).
+    async with connected(deployed, "llmq-producer") as conn:
+        channel = await conn.channel(publisher_confirms=True)
+        jobs = await channel.get_exchange(TOPO.jobs_exchange, ensure=False)
+        forged = aio_pika.Message(
+            b"{}", message_id="forged", user_id=gateway, headers={"tenant": "acme"}
+        )
+        with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed, match="user_id"):
+            await jobs.publish(forged, routing_key="interactive")
+    assert await depth(deployed, interactive) == 0
 
 
 def _worker_settings(deployed: Deployed, base_url: str) -> Settings:
