@@ -4,9 +4,9 @@
 for structure only. It accepts short strings (``message_id``, ``reply_to``,
 header names...) that are not UTF-8, a ``timestamp`` past year 9999 and header
 tables nested thousands deep. pamqp, which decodes frames for aiormq and
-aio-pika, raises on each of them (``UnicodeDecodeError``, ``OverflowError``,
-``RecursionError``), and aiormq's frame reader lets the exception end the
-connection: every job in flight on it is requeued, and the same message comes
+aio-pika, raises on each of them (``UnicodeDecodeError``, datetime's "year
+out of range", ``RecursionError``), and aiormq's frame reader lets the
+exception end the connection: every job in flight on it is requeued, and the same message comes
 back on the next connection and ends that one too, until its delivery limit.
 pamqp's table decoder is also quadratic in the number of fields: a 100 kB
 array of void values takes ~0.4 s to decode, blocking the event loop.
@@ -54,6 +54,7 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_FIELDS",
     "RAW",
+    "RAW_CAP",
     "RAW_LENGTH",
     "FrameGuard",
     "check_properties",
