@@ -38,7 +38,7 @@ __all__ = [
 
 _RETRY_AFTER_CAP_S = 300.0
 _MAX_ERROR_TEXT = 300
-MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 """The largest upstream answer read (decompressed): an answer is input too, and
 one that never ends must not take the worker's memory."""
 

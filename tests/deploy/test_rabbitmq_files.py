@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from schemas.settings import TopologySettings
+from schemas.settings import TopologySettings, WorkerSettings
 from schemas.topology import plan
+from workers.upstream import MAX_RESPONSE_BYTES
 
 RABBIT = Path(__file__).resolve().parents[2] / "deploy" / "rabbitmq"
 # Debian's rabbitmq-server package (what scripts/ensure-rabbitmq installs).
@@ -188,6 +189,10 @@ def test_rabbitmq_conf_uses_only_keys_of_rabbitmq_3_10() -> None:
     assert unknown == []
     assert config["definitions.import_backend"] == "local_filesystem"
     assert int(config["consumer_timeout"]) > 30 * 60 * 1000  # above the 30 min default
+    # A bound on what a worker holds, and room for the largest message llmq writes:
+    # a dead letter with the job and an undelivered reply.
+    largest_own = WorkerSettings().max_body_bytes + MAX_RESPONSE_BYTES + 64 * 1024
+    assert largest_own <= int(config["max_message_size"]) <= 16 * 1024 * 1024
 
 
 def test_enabled_plugins_are_the_management_and_prometheus_plugins() -> None:
