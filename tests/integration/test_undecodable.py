@@ -36,6 +36,7 @@ from rawamqp import (
     timestamp,
 )
 
+from producers.client import LlmqClient
 from producers.dlq import dlq_group
 from producers.topology import apply_topology
 from schemas.settings import Settings
@@ -225,6 +226,35 @@ async def test_the_broker_refuses_what_it_cannot_parse(
         await apply_topology(connection, plan(settings.topology))
         with pytest.raises(Refused):
             await publish_raw(amqp_url, settings, block)
+
+
+async def test_the_client_library_survives_an_undecodable_reply(
+    make_settings: Callable[..., Settings], amqp_url: str
+) -> None:
+    """Anyone who may write to a client's reply queue: the client keeps its connection."""
+    async with running_fleet({"name": "a", "models": ["m1"]}) as fleet:
+        settings = make_settings(fleet)
+        worker = Worker(settings, name="client-test-worker")
+        await worker.start()
+        try:
+            async with LlmqClient(amqp_url, exchange=settings.topology.jobs_exchange) as client:
+                assert client._connection is not None
+                reconnects: list[object] = []
+                client._connection.reconnect_callbacks.add(lambda *_: reconnects.append(1))
+                first = await client.complete("m1", [{"role": "user", "content": "a"}])
+                hostile = (
+                    properties(timestamp=timestamp(2**63 - 1)),
+                    properties(headers=nested_table(5000)),
+                )
+                for block in hostile:
+                    await publish_raw(
+                        amqp_url, settings, block, exchange="", routing_key=client.reply_queue
+                    )
+                second = await client.complete("m1", [{"role": "user", "content": "b"}])
+                assert client.connected and reconnects == []
+        finally:
+            await worker.stop(grace_s=5)
+    assert first["object"] == second["object"] == "chat.completion"
 
 
 # ---- the dead-letter tools ----------------------------------------------------
