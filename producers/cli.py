@@ -8,6 +8,7 @@ import asyncio
 import click
 
 from schemas.settings import ConfigError, Settings, load_settings
+from workers.frame_reader import SafeConnection
 
 __all__ = ["main"]
 
@@ -78,7 +79,9 @@ def topology_apply(config: str | None) -> None:
     async def run() -> None:
         import aio_pika
 
-        connection = await aio_pika.connect(settings.broker.url.get_secret_value())
+        connection = await aio_pika.connect(
+            settings.broker.url.get_secret_value(), connection_class=SafeConnection
+        )
         try:
             applied = await apply_topology(connection, plan(settings.topology))
         finally:

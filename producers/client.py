@@ -27,7 +27,7 @@ from schemas.codec import decode_reply
 from schemas.contract import CONTENT_TYPE, HEADERS, SlaClass
 from workers.frame_reader import SafeRobustConnection
 
-__all__ = ["LlmqClient"]
+__all__ = ["LlmqClient", "broker_user"]
 
 _REPUBLISH_WINDOW_S = 30.0
 _REPLY_GRACE_S = 5.0
@@ -55,7 +55,7 @@ class LlmqClient:
         self._default_sla_ms = default_sla_ms
         self._unconfirmed = asyncio.Semaphore(max_unconfirmed)
         self._tenant = tenant
-        self._user_id = _broker_user(url) if user_id is None else (user_id or None)
+        self._user_id = broker_user(url) if user_id is None else (user_id or None)
         self._connection: AbstractRobustConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._exchange: aio_pika.abc.AbstractExchange | None = None
@@ -239,7 +239,7 @@ class LlmqClient:
         return response
 
 
-def _broker_user(url: str) -> str | None:
+def broker_user(url: str) -> str | None:
     """The user a URL authenticates as with PLAIN auth, else None."""
     parts = urlsplit(url)
     if "external" in parse_qs(parts.query).get("auth", [""])[0].lower():

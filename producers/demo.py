@@ -25,6 +25,7 @@ import orjson
 
 from producers.stats import nearest_rank
 from schemas.settings import ConfigError, Settings, load_settings
+from workers.frame_reader import SafeConnection
 
 __all__ = ["demo_command", "run_demo", "summarise"]
 
@@ -113,7 +114,9 @@ async def _count_dead_letters(settings: Settings, prefix: str) -> int:
     """Count this run's dead letters without removing anyone's: look, then requeue all."""
     import aio_pika
 
-    connection = await aio_pika.connect(settings.broker.url.get_secret_value())
+    connection = await aio_pika.connect(
+        settings.broker.url.get_secret_value(), connection_class=SafeConnection
+    )
     try:
         channel = await connection.channel()
         queue = await channel.get_queue(settings.topology.dead_queue, ensure=False)

@@ -20,7 +20,8 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
 
-from producers.dlq_letters import Filter, replay_class, replay_headers
+from producers.client import broker_user
+from producers.dlq_letters import Filter, replay_class, replay_headers, split_body
 from producers.dlq_queue import WINDOW, Confirm, DeadQueue, Selector, now_ms
 from schemas.settings import Settings
 
@@ -105,6 +106,7 @@ async def replay(
     """
     report = ReplayReport(dry_run=dry_run)
     classes = settings.topology.classes
+    operator = broker_user(settings.broker.url.get_secret_value())
     pacer = _Pacer(rate)
     sent: set[str] = set()
     select = Selector(flt, confirm)
@@ -132,7 +134,10 @@ async def replay(
                 else:
                     await pacer.wait()
                     message = replay_message(
-                        held.message, sla_ms=sla_ms, default_sla_ms=classes[target].default_sla_ms
+                        held.message,
+                        sla_ms=sla_ms,
+                        default_sla_ms=classes[target].default_sla_ms,
+                        user_id=operator,
                     )
                     failure = await _republish(exchange, message, target, backpressure_tries)
                     if failure is None:
@@ -155,12 +160,22 @@ async def replay(
 
 
 def replay_message(
-    incoming: AbstractIncomingMessage, *, sla_ms: int | None, default_sla_ms: int
+    incoming: AbstractIncomingMessage,
+    *,
+    sla_ms: int | None,
+    default_sla_ms: int,
+    user_id: str | None = None,
 ) -> aio_pika.Message:
-    """The job to republish for a dead letter: its body and ids, fresh headers."""
+    """The job to republish for a dead letter: its body and ids, fresh headers.
+
+    ``user_id`` is the operator's broker user: a worker that trusts it keeps the
+    tenant the dead letter recorded (docs/security.md, "Tenants").
+    """
     now = now_ms()
+    body, _ = split_body(incoming.body, incoming.headers or {})
     return aio_pika.Message(
-        incoming.body,
+        body,
+        user_id=user_id,
         headers=replay_headers(
             incoming.headers or {}, now_ms=now, sla_ms=sla_ms, default_sla_ms=default_sla_ms
         ),

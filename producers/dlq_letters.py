@@ -43,6 +43,7 @@ __all__ = [
     "redact",
     "replay_class",
     "replay_headers",
+    "split_body",
 ]
 
 REMOVED_ON_REPLAY = frozenset(
@@ -53,8 +54,10 @@ REMOVED_ON_REPLAY = frozenset(
         DEAD_HEADERS.FAILED_AT,
         DEAD_HEADERS.WORKER,
         DEAD_HEADERS.SLA_CLASS,
-        "reply",
-        "reply-error",
+        DEAD_HEADERS.REPLY,
+        DEAD_HEADERS.REPLY_ERROR,
+        DEAD_HEADERS.REPLY_OFFSET,
+        DEAD_HEADERS.HEADERS_DROPPED,
         HEADERS.DEADLINE_MS,
     }
 )
@@ -395,13 +398,25 @@ def details(message: MessageLike) -> dict[str, Any]:
     }
     headers = redact(message.headers or {})
     reply = headers.pop("reply", None)
+    body, tail = split_body(message.body, message.headers or {})
+    if tail is not None:
+        reply = tail
     return {
         "undecodable": _undecodable_details(message.headers or {}),
         "properties": props,
         "headers": jsonable(headers),
         "reply": _json_or_text(reply) if isinstance(reply, bytes | str) else jsonable(reply),
-        "body": _json_or_text(message.body),
+        "body": _json_or_text(body),
     }
+
+
+def split_body(body: bytes, headers: Mapping[str, Any]) -> tuple[bytes, bytes | None]:
+    """The job's body and, when a large undelivered reply follows it
+    (``reply-offset``), that reply; a bad offset leaves the body whole."""
+    offset = headers.get(DEAD_HEADERS.REPLY_OFFSET)
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= len(body):
+        return body, None
+    return body[:offset], body[offset:]
 
 
 _HEX_SHOWN = 1_024

@@ -37,6 +37,7 @@ from producers.errors import Backpressure, DeadlineExceeded, PublishFailed, Unro
 from producers.stats import nearest_rank
 from schemas.contract import SCHEMA_VERSION, SlaClass
 from schemas.settings import ConfigError, Settings, load_settings
+from workers.frame_reader import SafeConnection
 
 __all__ = ["SubmitError", "SubmitSummary", "read_jobs", "run_submit", "submit_command"]
 
@@ -163,7 +164,9 @@ async def _check_reply_queue(settings: Settings, queue: str) -> None:
     import aio_pika
     import aiormq
 
-    connection = await aio_pika.connect(settings.broker.url.get_secret_value())
+    connection = await aio_pika.connect(
+        settings.broker.url.get_secret_value(), connection_class=SafeConnection
+    )
     try:
         channel = await connection.channel()
         await channel.declare_queue(queue, passive=True)

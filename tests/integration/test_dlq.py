@@ -410,3 +410,43 @@ async def test_browsing_keeps_the_order_across_windows_and_commands(world: World
     for window in (7, 60, 1000, 16):
         seen = await browse(world.settings, Filter(), window=window)
         assert [x.job_id for x in seen.letters] == ids, window
+
+
+async def test_a_large_undelivered_reply_is_shown_and_never_replayed(world: World) -> None:
+    """A dead letter whose body carries a large undelivered reply after the job
+    (``reply-offset``): show splits them, replay sends the job's part only, as the
+    operator's broker user, with the tenant the dead letter recorded."""
+    job = orjson.dumps(chat())
+    reply = orjson.dumps({"status": "ok", "response": {"text": "x" * 20_000}})
+    target = await world.channel.get_exchange(world.settings.topology.dead_exchange)
+    await target.publish(
+        aio_pika.Message(
+            job + reply,
+            message_id="big-reply",
+            reply_to=world.reply_queue,
+            headers={
+                "error-code": "internal_error",
+                "error": "the reply could not be delivered",
+                "reply-error": "reply_to queue does not exist",
+                "reply-offset": len(job),
+                "sla-class": "interactive",
+                "tenant": "acme",
+            },
+        ),
+        routing_key="interactive",
+    )
+    await world.wait_count(world.dead, 1)
+    shown = await cli("show", "--config", str(world.config), "big-reply", "--json")
+    assert shown.exit_code == 0, shown.output
+    doc = orjson.loads(shown.stdout)
+    assert doc["body"] == chat() and doc["reply"]["response"]["text"] == "x" * 20_000
+    report = await replay(world.settings, Filter())
+    assert report.replayed == 1
+    channel = await world.connection.channel()
+    queue = await channel.get_queue(world.queue("interactive"), ensure=False)
+    await world.wait_count(world.queue("interactive"), 1)
+    message = await queue.get(no_ack=True)
+    await channel.close()
+    assert message.body == job
+    assert message.user_id == "guest" and (message.headers or {})["tenant"] == "acme"
+    assert not {"reply-offset", "reply-error", "reply"} & set(message.headers or {})
