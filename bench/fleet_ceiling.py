@@ -32,7 +32,7 @@ import aiohttp
 import uvloop
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIO = ROOT / "deploy" / "demo" / "scenarios" / "zero.toml"
+SCENARIO = ROOT / "workers" / "fleet" / "scenarios" / "zero.toml"
 RESULT = ROOT / "bench" / "results" / "fleet_ceiling.json"
 BODY = {"model": "gpt-4.1-mini", "messages": [{"role": "user", "content": "Say hi in 8 words."}]}
 SERVER_CPU = 0

@@ -35,7 +35,7 @@ from pamqp import commands as spec
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-SCENARIOS = REPO / "deploy" / "demo" / "scenarios"
+SCENARIOS = REPO / "workers" / "fleet" / "scenarios"
 
 
 def rabbitmqctl(*args: str) -> None:

@@ -57,7 +57,7 @@ def _settings(config: str | None) -> Settings:
     },
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-@click.version_option(package_name="llmq")
+@click.version_option(package_name="llmq-router")
 def main() -> None:
     """llmq: a RabbitMQ-native router for LLM chat-completion jobs."""
 

@@ -1,9 +1,12 @@
 """``llmq demo``: the whole path on the built-in fake fleet, no API keys.
 
-Starts the fleet of deploy/demo/scenarios/demo.toml in a subprocess, runs a
-worker with deploy/demo/llmq.toml in this process (so it can show circuit
-states), sends a burst of jobs through the broker with ``LlmqClient`` and
-prints what happened per endpoint, with lost = jobs without a reply.
+Starts the fleet of the shipped ``demo`` scenario
+(workers/fleet/scenarios/demo.toml) in a subprocess, runs a worker with the
+demo's configuration (producers/demo.toml, beside this module) in this
+process (so it can show circuit states), sends a burst of jobs through the
+broker with ``LlmqClient`` and prints what happened per endpoint, with lost =
+jobs without a reply. Both files are package data: an installed wheel runs
+the demo from any directory.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import subprocess
 import sys
 import time
 import uuid
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +29,14 @@ import click
 import orjson
 
 from producers.stats import nearest_rank
+from schemas import event_loop
 from schemas.settings import ConfigError, Settings, load_settings
 from workers.frame_reader import SafeConnection
 
 __all__ = ["demo_command", "run_demo", "summarise"]
 
-DEMO_DIR = Path(__file__).resolve().parent.parent / "deploy" / "demo"
+DEMO_CONFIG = "demo.toml"
+"""The demo's worker configuration, package data beside this module."""
 FLEET_KEY_ENV = "LLMQ_FLEET_KEY"
 FLEET_KEY = "sk-fleet-demo"  # the fake fleet's key, not a secret
 _PROMPTS = (
@@ -106,8 +113,15 @@ def _wait_for_ports(ports: list[int], proc: subprocess.Popen[bytes], timeout_s: 
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
                 break
             if proc.poll() is not None or time.monotonic() > give_up:
-                raise click.ClickException(f"the fake fleet did not start (port {port})")
+                why = _last_line(proc) if proc.poll() is not None else ""
+                raise click.ClickException(f"the fake fleet did not start (port {port}){why}")
             time.sleep(0.1)
+
+
+def _last_line(proc: subprocess.Popen[bytes]) -> str:
+    """The exited fleet's last line on stderr (its error), as ``: text``."""
+    err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+    return f": {err.splitlines()[-1].removeprefix('Error: ')}" if err else ""
 
 
 async def _count_dead_letters(settings: Settings, prefix: str) -> int:
@@ -202,7 +216,7 @@ async def run_demo(
     return summarise(jobs, replies, latencies, dead, circuits)
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
+def _print_summary(summary: dict[str, Any], config: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -259,7 +273,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
     verdict = (
         "[green]nothing lost[/]" if summary["lost"] == 0 else f"[red]{summary['lost']} LOST[/]"
     )
-    console.print(verdict + " — see the dead letters: llmq dlq list --config deploy/demo/llmq.toml")
+    console.print(f"{verdict} — see the dead letters: llmq dlq list --config {config}")
 
 
 @click.command("demo")
@@ -271,25 +285,49 @@ def _print_summary(summary: dict[str, Any]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @click.option(
     "--config",
-    type=click.Path(dir_okay=False),
-    default=str(DEMO_DIR / "llmq.toml"),
-    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Worker config for the demo fleet.  [default: the shipped producers/demo.toml]",
 )
 @click.option(
     "--scenario",
-    type=click.Path(dir_okay=False),
-    default=str(DEMO_DIR / "scenarios" / "demo.toml"),
+    default="demo",
     show_default=True,
+    help="The fleet: a shipped scenario (demo, faults, zero) or a scenario TOML file.",
 )
 def demo_command(
-    jobs: int, bad: int, sla_ms: int, as_json: bool, config: str, scenario: str
+    jobs: int, bad: int, sla_ms: int, as_json: bool, config: Path | None, scenario: str
 ) -> None:
     """Fake fleet + worker + a burst of jobs; prints routing per endpoint and lost = 0."""
     os.environ.setdefault(FLEET_KEY_ENV, FLEET_KEY)
-    try:
-        settings = load_settings(config)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    with contextlib.ExitStack() as files:
+        try:
+            if config is None:
+                config = files.enter_context(resources.as_file(_demo_config()))
+            settings = load_settings(config)
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
+        summary = _run(settings, scenario, jobs=jobs, bad=bad, sla_ms=sla_ms, quiet=as_json)
+    if as_json:
+        click.echo(orjson.dumps(summary).decode())
+    else:
+        _print_summary(summary, config)
+    if summary["lost"]:
+        sys.exit(1)
+
+
+def _demo_config() -> Traversable:
+    return resources.files(__name__.rpartition(".")[0]) / DEMO_CONFIG
+
+
+def _run(
+    settings: Settings, scenario: str, *, jobs: int, bad: int, sla_ms: int, quiet: bool
+) -> dict[str, Any]:
+    """Serve the fleet in a subprocess while :func:`run_demo` runs here.
+
+    ``scenario`` goes to ``python -m workers.fleet`` as given: the fleet
+    resolves shipped names itself.
+    """
     from workers.logs import setup_logging
 
     setup_logging("warning")
@@ -301,20 +339,12 @@ def demo_command(
     )
     try:
         _wait_for_ports(ports, fleet, timeout_s=20)
-        if not as_json:
+        if not quiet:
             click.echo(f"fleet up on ports {', '.join(map(str, ports))}; sending {jobs} jobs")
-        import uvloop
-
-        summary = uvloop.run(run_demo(settings, jobs=jobs, bad=bad, sla_ms=sla_ms, quiet=as_json))
+        return event_loop.run(run_demo(settings, jobs=jobs, bad=bad, sla_ms=sla_ms, quiet=quiet))
     except OSError as exc:
         raise click.ClickException(f"cannot reach the broker: {exc}") from None
     finally:
         fleet.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
             fleet.wait(timeout=10)
-    if as_json:
-        click.echo(orjson.dumps(summary).decode())
-    else:
-        _print_summary(summary)
-    if summary["lost"]:
-        sys.exit(1)

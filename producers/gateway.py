@@ -45,6 +45,7 @@ from producers.gateway_core import (
 )
 from producers.gateway_keys import KeyRing, scoped_job_id
 from producers.gateway_server import ConnectionLimits, GatewaySite, raise_fd_limit
+from schemas import event_loop
 from schemas.errors import ErrorCode
 from schemas.settings import ConfigError, Settings, load_settings
 from workers.errors import redact, redact_url, url_secrets
@@ -431,10 +432,10 @@ def gateway_command(
     from workers.logs import setup_logging
 
     setup_logging(settings.log_level, log_format)
-    import uvloop
-
     gw = settings.gateway
     try:
-        uvloop.run(serve(settings, host=host or gw.host, port=gw.port if port is None else port))
+        event_loop.run(
+            serve(settings, host=host or gw.host, port=gw.port if port is None else port)
+        )
     except StartupError as exc:
         raise click.ClickException(str(exc)) from None

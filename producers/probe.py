@@ -24,7 +24,7 @@ import orjson
 
 from schemas.settings import ConfigError, EndpointSettings, Settings, load_settings
 from workers.errors import UpstreamFailure
-from workers.upstream import Target, Upstream, make_upstream
+from workers.upstream import Target, Upstream, make_upstream, require_transport
 
 __all__ = ["Sample", "percentile", "probe", "probe_command", "summarize"]
 
@@ -232,6 +232,7 @@ def probe_command(
     """Measure each endpoint's latency (p50/p95/p99), error rate and tokens/s directly."""
     try:
         settings = load_settings(config)
+        require_transport(settings.worker.http_transport)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     unknown = sorted(set(only) - {e.name for e in settings.endpoints})

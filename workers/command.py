@@ -8,8 +8,10 @@ import signal
 
 import click
 
+from schemas import event_loop
 from schemas.settings import ConfigError, Settings, load_settings
 from workers.logs import setup_logging
+from workers.upstream import require_transport
 
 __all__ = ["run_worker", "worker_command"]
 
@@ -45,11 +47,10 @@ def worker_command(config: str | None, name: str | None, declare: bool, log_form
     """Consume jobs and route them to the configured endpoints."""
     try:
         settings = load_settings(config)
+        require_transport(settings.worker.http_transport)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     if not settings.endpoints:
         raise click.ClickException("config error: endpoints: no endpoints configured")
     setup_logging(settings.log_level, log_format)
-    import uvloop
-
-    uvloop.run(run_worker(settings, name=name, declare=declare))
+    event_loop.run(run_worker(settings, name=name, declare=declare))

@@ -4,7 +4,9 @@ One client per worker, keep-alive pooling, no client-side retries: the
 worker is the only layer that retries. ``aiohttp`` is the default transport
 (its per-request CPU cost is several times lower than httpx's default
 transport at high concurrency; bench/ measures it); ``httpx`` and
-``httpx-aiohttp`` are kept behind the same interface to compare.
+``httpx-aiohttp`` are kept behind the same interface to compare, in
+:mod:`workers.httpx_upstream`, imported only when chosen: httpx is an extra
+(``llmq-router[httpx]``), not a dependency of every install.
 
 Every library exception becomes an :class:`UpstreamFailure` here, and every
 response is classified by one function, :func:`classify`.
@@ -12,28 +14,30 @@ response is classified by one function, :func:`classify`.
 
 from __future__ import annotations
 
-import asyncio
+import importlib
 import time
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 
 import aiohttp
-import httpx
 import orjson
 
-from schemas.settings import EndpointSettings
+from schemas.settings import ConfigError, EndpointSettings
 from workers.errors import UpstreamFailure, redact
 from workers.routing import FailureKind
 
 __all__ = [
+    "HTTPX_EXTRA",
     "AiohttpUpstream",
-    "HttpxUpstream",
     "Target",
     "Upstream",
     "UpstreamReply",
     "classify",
     "make_upstream",
+    "request_headers",
+    "require_transport",
+    "too_large",
 ]
 
 _RETRY_AFTER_CAP_S = 300.0
@@ -41,6 +45,8 @@ _MAX_ERROR_TEXT = 300
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 """The largest upstream answer read (decompressed): an answer is input too, and
 one that never ends must not take the worker's memory."""
+HTTPX_EXTRA = "llmq-router[httpx]"
+"""What to install for ``worker.http_transport = "httpx"`` or ``"httpx-aiohttp"``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +171,8 @@ def _count(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-def _headers(target: Target, traceparent: str | None) -> dict[str, str]:
+def request_headers(target: Target, traceparent: str | None) -> dict[str, str]:
+    """The endpoint's headers, with the job's trace context when it has one."""
     if traceparent is None:
         return target.headers
     return {**target.headers, "traceparent": traceparent}
@@ -173,18 +180,19 @@ def _headers(target: Target, traceparent: str | None) -> dict[str, str]:
 
 async def _read_bounded(target: Target, response: aiohttp.ClientResponse, limit: int) -> bytes:
     if response.content_length is not None and response.content_length > limit:
-        raise _too_large(target, limit)
+        raise too_large(target, limit)
     if response.content_length is not None and not response.headers.get("Content-Encoding"):
         return await response.read()  # the common case: the size is known and small
     buf = bytearray()
     while chunk := await response.content.read(limit + 1 - len(buf)):
         buf += chunk
         if len(buf) > limit:
-            raise _too_large(target, limit)
+            raise too_large(target, limit)
     return bytes(buf)
 
 
-def _too_large(target: Target, limit: int) -> UpstreamFailure:
+def too_large(target: Target, limit: int) -> UpstreamFailure:
+    """The failure of an answer longer than ``limit`` bytes."""
     return UpstreamFailure(
         FailureKind.MALFORMED, f"{target.name}: answer larger than {limit} bytes"
     )
@@ -207,7 +215,7 @@ class AiohttpUpstream:
         timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(timeout_s, 10.0))
         try:
             async with self._session.post(
-                target.url, data=body, headers=_headers(target, traceparent), timeout=timeout
+                target.url, data=body, headers=request_headers(target, traceparent), timeout=timeout
             ) as response:
                 raw = await _read_bounded(target, response, self._max_bytes)
                 return classify(target, response.status, response.headers, raw)
@@ -228,56 +236,32 @@ class AiohttpUpstream:
         await self._session.close()
 
 
-class HttpxUpstream:
-    """``httpx.AsyncClient``, with httpx's own transport or the aiohttp one."""
-
-    def __init__(
-        self, *, aiohttp_transport: bool = False, max_bytes: int = MAX_RESPONSE_BYTES
-    ) -> None:
-        self._max_bytes = max_bytes
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=1000)
-        transport: httpx.AsyncBaseTransport
-        if aiohttp_transport:
-            from httpx_aiohttp import AiohttpTransport
-
-            transport = AiohttpTransport(limits=limits)
-        else:
-            transport = httpx.AsyncHTTPTransport(limits=limits, retries=0)
-        self._client = httpx.AsyncClient(transport=transport, follow_redirects=False)
-
-    async def complete(
-        self, target: Target, body: bytes, *, timeout_s: float, traceparent: str | None = None
-    ) -> UpstreamReply:
-        timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0))
-        try:
-            # httpx applies its timeout per phase; bound the whole call as well.
-            async with asyncio.timeout(timeout_s):
-                response = await self._client.post(
-                    target.url,
-                    content=body,
-                    headers=_headers(target, traceparent),
-                    timeout=timeout,
-                )
-        except (TimeoutError, httpx.TimeoutException):
-            raise UpstreamFailure(
-                FailureKind.TIMEOUT, f"{target.name}: no answer within {timeout_s:.3g} s"
-            ) from None
-        except httpx.ConnectError:
-            raise UpstreamFailure(FailureKind.REFUSED, f"{target.name}: cannot connect") from None
-        except httpx.HTTPError as exc:
-            raise UpstreamFailure(
-                FailureKind.SERVER_ERROR, f"{target.name}: {type(exc).__name__}"
-            ) from None
-        if len(response.content) > self._max_bytes:  # read whole first: httpx has no cap
-            raise _too_large(target, self._max_bytes)
-        return classify(target, response.status_code, response.headers, response.content)
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
-
-
 def make_upstream(transport: str) -> Upstream:
-    """The adapter named in ``worker.http_transport``."""
+    """The adapter named in ``worker.http_transport``.
+
+    Raises :class:`ConfigError` when an httpx transport is chosen but the
+    httpx extra is not installed (see :func:`require_transport`).
+    """
     if transport == "aiohttp":
         return AiohttpUpstream()
+    require_transport(transport)
+    from workers.httpx_upstream import HttpxUpstream
+
     return HttpxUpstream(aiohttp_transport=transport == "httpx-aiohttp")
+
+
+def require_transport(transport: str) -> None:
+    """Raise :class:`ConfigError` unless the packages ``transport`` needs are installed.
+
+    Commands call it right after loading the settings, so a worker stops with
+    one line naming the extra instead of a traceback once it has connected.
+    """
+    needs = {"httpx": ("httpx",), "httpx-aiohttp": ("httpx", "httpx_aiohttp")}
+    for module in needs.get(transport, ()):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise ConfigError(
+                f"config error: worker.http_transport = {transport!r} needs the httpx extra "
+                f"({module} is not installed): pip install '{HTTPX_EXTRA}'"
+            ) from None

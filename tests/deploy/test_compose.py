@@ -195,7 +195,8 @@ def test_shutdown_grace_outlasts_the_worker_drain(
 def test_the_llmq_config_loads_and_points_at_the_compose_services(
     services: dict[str, dict[str, Any]], settings: Settings
 ) -> None:
-    scenario = tomllib.loads((DEPLOY / "demo" / "scenarios" / "demo.toml").read_text())
+    shipped = DEPLOY.parent / "workers" / "fleet" / "scenarios" / "demo.toml"  # in the image
+    scenario = tomllib.loads(shipped.read_text())
     ports = {e["name"]: e["port"] for e in scenario["endpoints"]}
     for endpoint in settings.endpoints:
         url = urlsplit(endpoint.base_url)

@@ -301,7 +301,7 @@ async def test_same_seed_same_outcomes(client: aiohttp.ClientSession) -> None:
 
 async def test_shipped_scenarios_serve(client: aiohttp.ClientSession) -> None:
     """Every endpoint of every shipped scenario answers on a free port."""
-    for path in sorted((ROOT / "deploy" / "demo" / "scenarios").glob("*.toml")):
+    for path in sorted((ROOT / "workers" / "fleet" / "scenarios").glob("*.toml")):
         scenario = load_scenario(path).with_ephemeral_ports()
         key = scenario.api_key or ""
         async with Fleet(scenario) as f:

@@ -10,8 +10,9 @@ import pytest
 from aiohttp import web
 
 from workers.errors import UpstreamFailure
+from workers.httpx_upstream import HttpxUpstream
 from workers.routing import FailureKind
-from workers.upstream import AiohttpUpstream, HttpxUpstream, Target
+from workers.upstream import AiohttpUpstream, Target
 
 LIMIT = 1024 * 1024
 OK = b'{"choices":[{"message":{"role":"assistant","content":"hi"}}],"usage":{}}'

@@ -23,7 +23,7 @@ from workers.fleet.plan import effective, is_down, latency_s, next_change, windo
 from workers.fleet.scenario import Latency, Window
 from workers.fleet.wire import ChatCall, Refusal, completion_text, parse_chat, prompt_tokens
 
-SCENARIOS = Path(__file__).resolve().parents[2] / "deploy" / "demo" / "scenarios"
+SCENARIOS = Path(__file__).resolve().parents[2] / "workers" / "fleet" / "scenarios"
 
 
 def endpoint(**fields: Any) -> Endpoint:

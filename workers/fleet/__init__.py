@@ -3,7 +3,8 @@
 Each endpoint of a scenario listens on its own loopback port and answers
 ``POST /v1/chat/completions`` with seeded latency, lengths and faults (5xx,
 429, hangs, malformed bodies, missing usage, slow bodies, refused
-connections). docs/fleet.md describes the scenario format.
+connections). docs/fleet.md describes the scenario format; the shipped
+scenarios are package data (``shipped_scenarios``, ``scenario_file``).
 """
 
 from workers.fleet.plan import Outcome, Plan, plan_request
@@ -17,6 +18,8 @@ from workers.fleet.scenario import (
     TokenRange,
     Window,
     load_scenario,
+    scenario_file,
+    shipped_scenarios,
 )
 from workers.fleet.stats import EndpointStats
 
@@ -36,5 +39,7 @@ __all__ = [
     "load_scenario",
     "plan_request",
     "run_fleet",
+    "scenario_file",
     "serve",
+    "shipped_scenarios",
 ]

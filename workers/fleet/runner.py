@@ -8,8 +8,7 @@ import signal
 import sys
 from typing import TextIO
 
-import uvloop
-
+from schemas import event_loop
 from workers.fleet.runtime import Fleet
 from workers.fleet.scenario import Scenario, load_scenario
 
@@ -47,10 +46,10 @@ async def serve(
 def run_fleet(
     path: str | os.PathLike[str], seed: int | None = None, host: str = "127.0.0.1"
 ) -> None:
-    """Load the scenario at ``path`` and serve it on uvloop; blocks until a signal.
+    """Load the scenario at ``path`` and serve it (on uvloop if installed) until a signal.
 
     Raises :class:`~workers.fleet.scenario.ScenarioError` before binding
     anything when the file is invalid.
     """
     scenario = load_scenario(path)
-    uvloop.run(serve(scenario, seed=seed, host=host))
+    event_loop.run(serve(scenario, seed=seed, host=host))

@@ -2,13 +2,19 @@
 
 A scenario is TOML parsed into frozen pydantic models that forbid unknown
 keys, so a typo (``eror_rate``) fails loudly instead of silently serving a
-healthy endpoint. docs/fleet.md documents every field.
+healthy endpoint. docs/fleet.md documents every field. The scenarios that
+ship with llmq (``demo``, ``faults``, ``zero``) are package data in
+``workers/fleet/scenarios/``, so an installed wheel has them too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tomllib
+from collections.abc import Iterator
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,6 +28,8 @@ __all__ = [
     "TokenRange",
     "Window",
     "load_scenario",
+    "scenario_file",
+    "shipped_scenarios",
 ]
 
 Rate = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -217,6 +225,37 @@ def load_scenario(path: str | os.PathLike[str]) -> Scenario:
         return Scenario.model_validate(data)
     except ValidationError as exc:
         raise ScenarioError(_describe(exc, data, file)) from None
+
+
+def shipped_scenarios() -> tuple[str, ...]:
+    """The names of the scenarios that ship with llmq, sorted (``demo``, ``faults``, ...)."""
+    names = (f.name for f in _shipped().iterdir() if f.name.endswith(".toml"))
+    return tuple(sorted(name.removesuffix(".toml") for name in names))
+
+
+@contextlib.contextmanager
+def scenario_file(spec: str | os.PathLike[str]) -> Iterator[Path]:
+    """A path to read ``spec`` from: the file ``spec``, else the shipped scenario so named.
+
+    An existing file wins over a shipped name. Raises :class:`ScenarioError`
+    naming the shipped scenarios when ``spec`` is neither.
+    """
+    path = Path(spec)
+    if path.is_file():
+        yield path
+        return
+    shipped = shipped_scenarios()
+    if str(spec) not in shipped:
+        raise ScenarioError(
+            f"scenario error: {spec}: no such file, nor a shipped scenario ({', '.join(shipped)})"
+        )
+    # as_file: a real path even when the package is imported from a zip archive.
+    with resources.as_file(_shipped() / f"{spec}.toml") as file:
+        yield file
+
+
+def _shipped() -> Traversable:
+    return resources.files(__name__.rpartition(".")[0]) / "scenarios"
 
 
 def _describe(exc: ValidationError, data: dict[str, Any], file: Path) -> str:
