@@ -26,7 +26,6 @@ from click.testing import CliRunner
 from harness import Caller, chat, running_fleet
 from rawamqp import (
     RawPublisher,
-    Refused,
     entry,
     longstr,
     nested_table,
@@ -194,38 +193,11 @@ async def test_header_values_not_utf8_are_read_as_bytes_and_settled_once(
     )
 
 
-@pytest.mark.parametrize(
-    "block",
-    [
-        properties(headers=table(entry(b"k", b"Z", b"\x00"))),  # a type tag nobody knows
-        properties(headers=struct.pack(">I", 1000) + entry(b"k", b"S", longstr(b"v"))),
-        properties(headers=struct.pack(">I", 3) + entry(b"k", b"S", longstr(b"v"))),
-        properties(message_id=bytes([50]) + b"abc"),  # a short string past its block
-        properties(message_id=shortstr(b"abc")) + b"\x00\x01",  # bytes after the last one
-        properties(delivery_mode=b"\x03"),
-        properties(user_id=shortstr(BAD)),  # must name the connection's user
-        properties(expiration=shortstr(b"soon")),
-    ],
-    ids=[
-        "unknown tag",
-        "table longer than block",
-        "table shorter than entry",
-        "truncated",
-        "trailing bytes",
-        "delivery_mode 3",
-        "user_id",
-        "expiration",
-    ],
-)
-async def test_the_broker_refuses_what_it_cannot_parse(
-    block: bytes, make_settings: Callable[..., Settings], amqp_url: str, connection: Any
-) -> None:
-    """Only what the broker accepts can reach a worker: it checks structure itself."""
-    async with running_fleet({"name": "a", "models": ["m1"]}) as fleet:
-        settings = make_settings(fleet)
-        await apply_topology(connection, plan(settings.topology))
-        with pytest.raises(Refused):
-            await publish_raw(amqp_url, settings, block)
+# What the broker itself refuses (unknown field tags, bad table lengths, truncated
+# blocks, delivery_mode 3, a foreign user_id) is documented in
+# docs/upstream/pamqp-undecodable-properties.md and not exercised here: on the shared
+# RabbitMQ 3.10.8 node, malformed content headers wedged the broker once (it stopped
+# answering AMQP handshakes), so such probes belong on a throwaway node only.
 
 
 async def test_the_client_library_survives_an_undecodable_reply(
