@@ -1,15 +1,22 @@
-"""Shared fixtures: a private RabbitMQ vhost per test session.
+"""Shared fixtures: a private RabbitMQ vhost per test module.
 
 Tests share the machine's broker with the demo and with each other, so each
-session declares everything inside its own vhost and deletes the vhost at
-the end, leaving the broker as it found it. Without a broker the broker
-tests skip locally and fail in CI (CI=true), where a skip would hide a gap.
+module declares everything inside its own vhost and deletes the vhost when
+it is done, leaving the broker as it found it. A vhost per module, not per
+session, because RabbitMQ 3.10 reserves about three file handles for every
+quorum queue and the Debian node's limit is 927: the whole suite's queues
+kept to the end (some 300) exhaust it, and the node then accepts TCP but
+answers nothing. Without a broker the broker tests skip locally and fail in
+CI (CI=true), where a skip would hide a gap; a broker that stops answering
+mid-run ends the run at once instead of timing out every later test.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -34,9 +41,23 @@ BROKER_HOST = os.environ.get("LLMQ_TEST_BROKER_HOST", "127.0.0.1")
 
 
 def _rabbitmqctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60, check=False
-    )
+    try:
+        return subprocess.run(
+            ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60, check=False
+        )
+    except subprocess.TimeoutExpired:
+        pytest.exit(f"RabbitMQ stopped answering: rabbitmqctl {args[0]} hung for 60 s", 3)
+
+
+def _answers(host: str, timeout: float = 15.0) -> bool:
+    """The broker completes the start of an AMQP handshake (a wedged node
+    accepts TCP and then says nothing)."""
+    try:
+        with socket.create_connection((host, 5672), timeout=timeout) as sock:
+            sock.sendall(b"AMQP\x00\x00\x09\x01")
+            return sock.recv(1) == b"\x01"  # the first byte of Connection.Start
+    except OSError:
+        return False
 
 
 def _unavailable(reason: str) -> None:
@@ -45,15 +66,18 @@ def _unavailable(reason: str) -> None:
     pytest.skip(f"no RabbitMQ: {reason}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vhost() -> Iterator[str]:
     """A fresh vhost with full permissions for guest, deleted afterwards."""
     if shutil.which("rabbitmqctl") is None:
         _unavailable("rabbitmqctl is not installed")
+    if _BROKER_SEEN and not _answers(BROKER_HOST):
+        pytest.exit("RabbitMQ stopped answering the AMQP handshake mid-run", 3)
     name = f"llmq-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     created = _rabbitmqctl("add_vhost", name)
     if created.returncode != 0:
         _unavailable(created.stderr.strip() or "rabbitmqctl add_vhost failed")
+    _BROKER_SEEN.append(name)
     _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
     try:
         yield name
@@ -61,7 +85,10 @@ def vhost() -> Iterator[str]:
         _rabbitmqctl("delete_vhost", name)
 
 
-@pytest.fixture(scope="session")
+_BROKER_SEEN: list[str] = []  # vhosts made so far: the broker was up once
+
+
+@pytest.fixture(scope="module")
 def amqp_url(vhost: str) -> str:
     """The AMQP URL of the session's private vhost."""
     return f"amqp://guest:guest@{BROKER_HOST}:5672/{quote(vhost, safe='')}"
@@ -126,6 +153,11 @@ def make_settings(
 
 @pytest.fixture
 async def connection(amqp_url: str) -> AsyncIterator[aio_pika.abc.AbstractConnection]:
-    conn = await aio_pika.connect(amqp_url)
+    try:
+        conn = await asyncio.wait_for(aio_pika.connect(amqp_url), 30)
+    except TimeoutError:
+        if not _answers(BROKER_HOST):
+            pytest.exit("RabbitMQ stopped answering the AMQP handshake mid-run", 3)
+        raise
     yield conn
     await conn.close()

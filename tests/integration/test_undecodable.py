@@ -12,7 +12,6 @@ queue, where they used to end every command's connection.
 from __future__ import annotations
 
 import asyncio
-import os
 import struct
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -44,13 +43,7 @@ from schemas.topology import plan
 from workers.frames import RAW_CAP, RAW_LENGTH, raw_properties
 from workers.service import Worker
 
-# These messages wedged the shared RabbitMQ 3.10.8 node twice (it stopped answering
-# AMQP handshakes) when run after the rest of the suite: until the cause is found they
-# run only on request, against a broker that may be restarted.
-_ON_REQUEST = pytest.mark.skipif(
-    not os.environ.get("LLMQ_TEST_HOSTILE_BROKER"), reason="set LLMQ_TEST_HOSTILE_BROKER=1"
-)
-pytestmark = [pytest.mark.rabbitmq, _ON_REQUEST]
+pytestmark = pytest.mark.rabbitmq
 
 BAD = b"ab\xff\xfe"
 BODY = orjson.dumps(chat())
