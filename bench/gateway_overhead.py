@@ -41,7 +41,7 @@ from bench.harness import (
     write_config,
 )
 from producers.client import LlmqClient
-from producers.topology import apply_topology
+from schemas.broker.topology import apply_topology
 from schemas.settings import TopologySettings
 from schemas.topology import plan
 
@@ -64,7 +64,7 @@ def start_gateway(config: Path, port: int) -> subprocess.Popen[bytes]:
         [
             sys.executable,
             "-m",
-            "producers",
+            "llmq_cli",
             "gateway",
             "--config",
             str(config),

@@ -121,7 +121,7 @@ def llmq_config(
 def start_worker(config: Path, name: str) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMQ_")}
     return subprocess.Popen(
-        [sys.executable, "-m", "producers", "worker", "--config", str(config), "--name", name],
+        [sys.executable, "-m", "llmq_cli", "worker", "--config", str(config), "--name", name],
         env=env,
         stderr=subprocess.DEVNULL,
     )
@@ -267,7 +267,7 @@ async def declare_llmq_topology(amqp_url: str) -> None:
     """llmq's exchanges and quorum queues, with llmq's arguments (``schemas.topology.plan``)."""
     import aio_pika
 
-    from producers.topology import apply_topology
+    from schemas.broker.topology import apply_topology
     from schemas.settings import TopologySettings
     from schemas.topology import plan
 
@@ -758,7 +758,7 @@ def _package(path: str | None) -> str:
         return "(native)"
     if "site-packages/" in path:
         return path.split("site-packages/", 1)[1].split("/", 1)[0].removesuffix(".py")
-    for own in ("workers", "schemas", "producers", "bench"):
+    for own in ("workers", "schemas", "producers", "llmq_cli", "bench"):
         if f"/{own}/" in path:
             return own
     if "/lib/python3" in path:

@@ -104,7 +104,7 @@ def write_worker_config(path: Path, amqp_url: str, urls: dict[str, str]) -> Path
 
 
 async def _wait_consumer(amqp_url: str, timeout_s: float = 30.0) -> None:
-    from producers.topology import apply_topology
+    from schemas.broker.topology import apply_topology
     from schemas.settings import TopologySettings
     from schemas.topology import plan
 

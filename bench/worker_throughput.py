@@ -30,7 +30,7 @@ from bench.harness import (
     start_worker,
     write_config,
 )
-from producers.topology import apply_topology
+from schemas.broker.topology import apply_topology
 from schemas.settings import TopologySettings
 from schemas.topology import plan
 

@@ -23,9 +23,9 @@ import orjson
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection, DeliveryMode
 
 from producers.errors import Backpressure, DeadlineExceeded, PublishFailed, Unroutable, error_for
+from schemas.broker.connection import SafeRobustConnection
 from schemas.codec import decode_reply
 from schemas.contract import CONTENT_TYPE, HEADERS, SlaClass
-from workers.frame_reader import SafeRobustConnection
 
 __all__ = ["LlmqClient", "broker_user"]
 

@@ -3,7 +3,7 @@
 A dead letter has one of two shapes (docs/protocol.md, section 9): written by
 a worker, with the ``error-*`` headers, or written by the broker, with only
 ``x-death``. Either may be a message whose AMQP properties could not be
-decoded (``workers/frames.py``): such a letter keeps the raw property bytes,
+decoded (``schemas/broker/frames.py``): such a letter keeps the raw property bytes,
 cannot be replayed and has no job id of its own (it gets ``undecodable-<hash>``).
 :func:`read_letter` turns each into one :class:`DeadLetter`;
 :class:`Filter` selects them; :func:`replay_headers` computes the headers of
@@ -26,9 +26,9 @@ from typing import Any, Literal, Protocol
 import orjson
 from pamqp import encode
 
+from schemas.broker.frames import RAW_LENGTH, raw_properties, undecodable
 from schemas.contract import DEAD_HEADERS, HEADERS, SlaClass
 from schemas.errors import ErrorCode
-from workers.frames import RAW_LENGTH, raw_properties, undecodable
 
 __all__ = [
     "REMOVED_ON_REPLAY",

@@ -32,8 +32,8 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 
 from producers.dlq_letters import DeadLetter, Filter, read_letter
+from schemas.broker.connection import SafeConnection
 from schemas.settings import Settings
-from workers.frame_reader import SafeConnection
 
 __all__ = [
     "WINDOW",
@@ -209,7 +209,7 @@ async def _connect(settings: Settings, name: str) -> aio_pika.abc.AbstractConnec
     url = settings.broker.url.get_secret_value()
     try:
         # Frames read through the guard: a dead letter the client library could
-        # not decode arrives marked instead of ending the connection (workers/frames.py).
+        # not decode arrives marked instead of ending the connection (schemas/broker/frames.py).
         return await aio_pika.connect(
             url,
             client_properties={"connection_name": name},

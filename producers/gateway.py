@@ -44,12 +44,13 @@ from producers.gateway_core import (
     startup_problem,
 )
 from producers.gateway_keys import KeyRing, scoped_job_id
+from producers.gateway_metrics import GatewayMetrics
 from producers.gateway_server import ConnectionLimits, GatewaySite, raise_fd_limit
 from schemas import event_loop
 from schemas.errors import ErrorCode
+from schemas.exposition import MetricsServer, new_registry
+from schemas.secrets import redact, redact_url, url_secrets
 from schemas.settings import ConfigError, Settings, load_settings
-from workers.errors import redact, redact_url, url_secrets
-from workers.metrics import GatewayMetrics, MetricsServer, new_registry
 
 __all__ = [
     "StartupError",
@@ -429,7 +430,7 @@ def gateway_command(
     problem = startup_problem(settings)
     if problem is not None:
         raise click.ClickException(problem)
-    from workers.logs import setup_logging
+    from schemas.logs import setup_logging
 
     setup_logging(settings.log_level, log_format)
     gw = settings.gateway

@@ -34,7 +34,7 @@ from yarl import URL
 
 from producers.gateway_core import error_answer
 from schemas.errors import ErrorCode
-from workers.errors import redact
+from schemas.secrets import redact
 
 __all__ = ["AccessLog", "ConnectionLimits", "GatewaySite", "raise_fd_limit"]
 

@@ -35,9 +35,9 @@ import orjson
 
 from producers.errors import Backpressure, DeadlineExceeded, PublishFailed, Unroutable
 from producers.stats import nearest_rank
+from schemas.broker.connection import SafeConnection
 from schemas.contract import SCHEMA_VERSION, SlaClass
 from schemas.settings import ConfigError, Settings, load_settings
-from workers.frame_reader import SafeConnection
 
 __all__ = ["SubmitError", "SubmitSummary", "read_jobs", "run_submit", "submit_command"]
 

@@ -1,6 +1,6 @@
 """The broker objects llmq needs, as data derived from the settings.
 
-``plan()`` is pure; ``producers.topology`` declares the plan over AMQP and
+``plan()`` is pure; ``schemas.broker.topology`` declares the plan over AMQP and
 deploy/rabbitmq/definitions.json is checked against it by a test, so the
 two can't drift.
 

@@ -143,7 +143,7 @@ async def start_worker_process(
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMQ_")}
     with (config.parent / "worker.log").open("wb") as log:
         proc = subprocess.Popen(  # noqa: ASYNC220 - a quick spawn; the waiting below is async
-            [sys.executable, "-m", "producers", "worker", "--config", str(config)],
+            [sys.executable, "-m", "llmq_cli", "worker", "--config", str(config)],
             env={**env, "LLMQ_TEST_FLEET_KEY": FLEET_KEY},
             stderr=log,
         )

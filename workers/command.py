@@ -9,8 +9,8 @@ import signal
 import click
 
 from schemas import event_loop
+from schemas.logs import setup_logging
 from schemas.settings import ConfigError, Settings, load_settings
-from workers.logs import setup_logging
 from workers.upstream import require_transport
 
 __all__ = ["run_worker", "worker_command"]

@@ -1,4 +1,4 @@
-"""Prometheus metrics and the probe endpoints of the worker and the gateway.
+"""The worker's Prometheus series (served by :class:`schemas.exposition.MetricsServer`).
 
 Each process builds its own ``CollectorRegistry`` (never the global one), so
 two workers in one test process do not share series. Two kinds of series:
@@ -23,10 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.aiohttp import make_aiohttp_handler
-from prometheus_client.metrics import disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from schemas.settings import Settings
@@ -44,13 +41,10 @@ from workers.routing import EndpointStatus
 
 __all__ = [
     "CIRCUIT_STATES",
-    "GatewayMetrics",
     "LoopMonitor",
-    "MetricsServer",
     "Sources",
     "WorkerMetrics",
     "configured_tenants",
-    "new_registry",
     "register_state",
 ]
 
@@ -62,7 +56,6 @@ QUEUE_BUCKETS = (
 )  # fmt: skip
 # An LLM call takes 50 ms (a cached short answer) to minutes (a long generation).
 UPSTREAM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
-HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 600)
 
 CIRCUIT_STATES = ("closed", "cooldown", "half_open", "open", "unusable")
 """The values of ``EndpointStatus.state``, each a series of ``llmq_endpoint_circuit_state``."""
@@ -70,12 +63,6 @@ CIRCUIT_STATES = ("closed", "cooldown", "half_open", "open", "unusable")
 NO_TENANT = "(none)"
 OTHER_TENANT = "(other)"
 _NONE = "none"
-
-
-def new_registry() -> CollectorRegistry:
-    """A private registry; ``*_created`` series are off (they double the output)."""
-    disable_created_metrics()  # type: ignore[no-untyped-call]
-    return CollectorRegistry()
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,87 +399,3 @@ class LoopMonitor:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-
-
-class MetricsServer:
-    """``/metrics``, ``/healthz``, ``/readyz`` on a small aiohttp server.
-
-    ``health`` and ``ready`` return ``(ok, details)``; not ok answers 503.
-    """
-
-    def __init__(
-        self,
-        registry: CollectorRegistry,
-        *,
-        health: Callable[[], tuple[bool, dict[str, Any]]],
-        ready: Callable[[], tuple[bool, dict[str, Any]]],
-    ) -> None:
-        self._health = health
-        self._ready = ready
-        app = web.Application()
-        app.router.add_get("/metrics", make_aiohttp_handler(registry))
-        app.router.add_get("/healthz", self._probe(health))
-        app.router.add_get("/readyz", self._probe(ready))
-        self._runner = web.AppRunner(app, access_log=None)
-        self.port: int | None = None
-
-    @staticmethod
-    def _probe(
-        check: Callable[[], tuple[bool, dict[str, Any]]],
-    ) -> Callable[[web.Request], Any]:
-        async def handler(request: web.Request) -> web.Response:
-            ok, details = check()
-            return web.json_response(details, status=200 if ok else 503)
-
-        return handler
-
-    async def start(self, host: str, port: int) -> int:
-        """Listen; returns the bound port (``port=0`` picks a free one). Raises OSError."""
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        try:
-            await site.start()
-        except OSError:
-            await self._runner.cleanup()
-            raise
-        addresses = self._runner.addresses
-        self.port = int(addresses[0][1]) if addresses else port
-        return self.port
-
-    async def stop(self) -> None:
-        await self._runner.cleanup()
-
-
-class GatewayMetrics:
-    """The gateway's series: requests by route and status, latency, in flight."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
-        self.requests = Counter(
-            "llmq_gateway_requests",
-            "HTTP requests answered, by route and status code.",
-            ["route", "status"],
-            registry=registry,
-        )
-        self.duration = Histogram(
-            "llmq_gateway_request_duration_seconds",
-            "Time to answer an HTTP request, by route.",
-            ["route"],
-            buckets=HTTP_BUCKETS,
-            registry=registry,
-        )
-        self.in_flight = Gauge(
-            "llmq_gateway_in_flight", "HTTP requests being answered now.", registry=registry
-        )
-        self._children: dict[tuple[str, int], tuple[Any, Any]] = {}
-
-    def observe(self, route: str, status: int, seconds: float) -> None:
-        key = (route, status)
-        children = self._children.get(key)
-        if children is None:
-            children = self._children[key] = (
-                self.requests.labels(route, str(status)),
-                self.duration.labels(route),
-            )
-        children[0].inc()
-        children[1].observe(seconds)

@@ -24,22 +24,18 @@ from typing import Any
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
+from schemas.broker.connection import connect
+from schemas.broker.errors import BrokerFailure, Refused, Unroutable
+from schemas.broker.frames import undecodable
+from schemas.broker.publisher import Publisher
 from schemas.codec import Delivery, Job, Rejected, decode_job, encode_reply, error_body
 from schemas.contract import DEAD_HEADERS, HEADERS
 from schemas.errors import ErrorCode
 from schemas.settings import ConfigError, ModelSettings, Settings
 from schemas.topology import plan
-from workers.amqp import (
-    Publisher,
-    connect,
-    dead_letter_message,
-    minimal_dead_letter,
-    reply_message,
-)
+from workers.amqp import dead_letter_message, minimal_dead_letter, reply_message
 from workers.attempts import Dispatcher, Failed, Served
-from workers.errors import BrokerFailure, Refused, Unroutable
 from workers.events import JobDone, ObservedBudget, Spent
-from workers.frames import undecodable
 from workers.preflight import preflight
 from workers.routing import EndpointSpec, Router, RoutingConfig, disposition
 from workers.routing.admission import Admission, ModelLimits
@@ -205,7 +201,7 @@ class Worker:
         self._consume_conn = await connect(url, name=f"llmq-worker {self.name}", heartbeat_s=hb)
         self._consume_conn.reconnect_callbacks.add(self._reconnected)
         if self._declare:
-            from producers.topology import apply_topology
+            from schemas.broker.topology import apply_topology
 
             await apply_topology(self._publish_conn, plan(self.settings.topology))
         self._publisher = await Publisher.open(self._publish_conn)
@@ -296,7 +292,7 @@ class Worker:
     async def _serve(self, message: AbstractIncomingMessage) -> _Outcome:
         unreadable = undecodable(message.headers)
         if unreadable is not None:
-            # Its properties could not be decoded (workers/frames.py): no id and
+            # Its properties could not be decoded (schemas/broker/frames.py): no id and
             # no reply_to to trust, so it is only dead-lettered, raw bytes kept.
             return self._failure(
                 None,

@@ -18,18 +18,11 @@ from typing import Any
 
 from aio_pika.abc import AbstractRobustConnection
 
+from schemas.exposition import MetricsServer, new_registry
 from schemas.settings import Settings
 from workers.budgets import BudgetKeeper
 from workers.events import Hook, Hooks, LogHook
-from workers.metrics import (
-    LoopMonitor,
-    MetricsServer,
-    Sources,
-    WorkerMetrics,
-    configured_tenants,
-    new_registry,
-    register_state,
-)
+from workers.metrics import LoopMonitor, Sources, WorkerMetrics, configured_tenants, register_state
 from workers.routing import RetryBudget, Router
 from workers.state import StateBook, StateGossip
 from workers.tracing import Tracer, make_tracer

@@ -23,8 +23,9 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 
+from schemas.secrets import redact
 from schemas.settings import ConfigError, EndpointSettings
-from workers.errors import UpstreamFailure, redact
+from workers.errors import UpstreamFailure
 from workers.routing import FailureKind
 
 __all__ = [

@@ -204,3 +204,16 @@ def test_hadolint_finds_nothing() -> None:
         [binary, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_package_the_wheel_holds_is_copied(steps: list[Instruction]) -> None:
+    """The image builds the wheel from what it copied: a package left out fails the build."""
+    hatch = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["hatch"]["build"]
+    packages = hatch["targets"]["wheel"]["packages"]
+    copied = {
+        word
+        for step in steps
+        if step.op == "COPY" and "--from=" not in step.args
+        for word in step.args.split()[:-1]
+    }
+    assert set(packages) <= copied, set(packages) - copied

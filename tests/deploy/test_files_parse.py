@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-KIT = [ROOT / "producers" / "demo.toml", *sorted((ROOT / "workers/fleet/scenarios").glob("*"))]
+KIT = [ROOT / "llmq_cli" / "demo.toml", *sorted((ROOT / "workers/fleet/scenarios").glob("*"))]
 # Documented fakes: the fake fleet's keys (sk-fleet-<scenario>), the gateway's demo key.
 DEMO_KEY = re.compile(r"sk-fleet-[a-z]+|sk-llmq-demo")
 

@@ -25,7 +25,7 @@ from producers.dlq import dlq_group
 from producers.dlq_actions import purge, replay
 from producers.dlq_letters import Filter
 from producers.dlq_queue import browse
-from producers.topology import apply_topology
+from schemas.broker.topology import apply_topology
 from schemas.settings import Settings
 from schemas.topology import plan
 from workers.fleet import Fleet
@@ -340,7 +340,7 @@ async def test_replay_killed_midway_loses_nothing(world: World, tmp_path: Path) 
     env = {k: v for k, v in os.environ.items() if k != "LLMQ_CONFIG"}
     with (tmp_path / "replay.err").open("wb") as err:
         proc = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "producers", "dlq", "replay", "--config", str(world.config)),
+            *(sys.executable, "-m", "llmq_cli", "dlq", "replay", "--config", str(world.config)),
             *("--rate", "20", "--yes"),
             cwd=ROOT,
             env=env,

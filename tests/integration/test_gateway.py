@@ -18,7 +18,7 @@ from harness import Caller, chat, running_fleet
 from openai.types.chat import ChatCompletionMessageParam
 
 from producers.gateway import start_gateway
-from producers.topology import apply_topology
+from schemas.broker.topology import apply_topology
 from schemas.settings import Settings
 from schemas.topology import plan
 from workers.service import Worker

@@ -17,7 +17,7 @@ from harness import running_fleet
 
 from producers.gateway import metrics_port, start_gateway
 from producers.gateway_server import GatewaySite
-from producers.topology import apply_topology
+from schemas.broker.topology import apply_topology
 from schemas.settings import Settings
 from schemas.topology import plan
 

@@ -18,7 +18,7 @@ async def run_probe(config: Path, *args: str) -> tuple[int, bytes, bytes]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "producers",
+        "llmq_cli",
         "probe",
         "--config",
         str(config),

@@ -10,9 +10,11 @@ from typing import Any
 import aio_pika
 import pytest
 
+from schemas.broker.connection import connect
+from schemas.broker.errors import BrokerFailure, Unroutable
+from schemas.broker.publisher import Publisher
 from schemas.contract import CONTENT_TYPE
-from workers.amqp import Publisher, connect, reply_message
-from workers.errors import BrokerFailure, Unroutable
+from workers.amqp import reply_message
 
 pytestmark = pytest.mark.rabbitmq
 

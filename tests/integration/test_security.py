@@ -9,8 +9,8 @@ import aio_pika
 import pytest
 from harness import Caller, chat, running_fleet
 
+from schemas.logs import JsonFormatter
 from schemas.settings import Settings
-from workers.logs import JsonFormatter
 from workers.service import Worker
 
 pytestmark = pytest.mark.rabbitmq

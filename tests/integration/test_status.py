@@ -19,8 +19,8 @@ from aiohttp import web
 from harness import FLEET_KEY, chat, queue_depth, running_fleet, write_worker_config
 from ops_helpers import eventually
 
-from producers.status import snapshot
-from producers.topology import apply_topology
+from llmq_cli.status import snapshot
+from schemas.broker.topology import apply_topology
 from schemas.settings import Settings
 from schemas.topology import plan
 from workers.routing import RoutingConfig
@@ -117,7 +117,7 @@ async def run_status(config: Path, *args: str) -> tuple[int, bytes, bytes]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "producers",
+        "llmq_cli",
         "status",
         "--config",
         str(config),

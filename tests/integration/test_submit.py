@@ -19,7 +19,7 @@ from click.testing import CliRunner, Result
 from harness import chat, running_fleet
 
 from producers.submit import run_submit, submit_command
-from producers.topology import apply_topology
+from schemas.broker.topology import apply_topology
 from schemas.settings import Settings
 from schemas.topology import plan
 from workers.fleet import Fleet

@@ -9,7 +9,7 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from producers.topology import TopologyError, apply_topology
+from schemas.broker.topology import TopologyError, apply_topology
 from schemas.settings import TopologySettings
 from schemas.topology import plan
 

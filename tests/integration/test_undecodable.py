@@ -37,10 +37,10 @@ from rawamqp import (
 
 from producers.client import LlmqClient
 from producers.dlq import dlq_group
-from producers.topology import apply_topology
+from schemas.broker.frames import RAW_CAP, RAW_LENGTH, raw_properties
+from schemas.broker.topology import apply_topology
 from schemas.settings import Settings
 from schemas.topology import plan
-from workers.frames import RAW_CAP, RAW_LENGTH, raw_properties
 from workers.service import Worker
 
 pytestmark = pytest.mark.rabbitmq

@@ -1,4 +1,4 @@
-"""The built wheel is what users get: it holds the three packages, their data
+"""The built wheel is what users get: it holds the four packages, their data
 and the license, and installed into a fresh virtualenv with the locked runtime
 dependencies only, it runs ``llmq demo`` from a directory outside the
 checkout, without httpx, and says which extra the httpx transports need.
@@ -99,10 +99,16 @@ def test_wheel_holds_the_packages_their_data_and_the_license(wheel: Path) -> Non
         metadata = zf.read(f"{dist_info}/METADATA").decode()
         entry_points = zf.read(f"{dist_info}/entry_points.txt").decode()
     assert wheel.name.startswith("llmq_router-")
-    assert {n.split("/")[0] for n in names} == {"schemas", "producers", "workers", dist_info}
+    assert {n.split("/")[0] for n in names} == {
+        "schemas",
+        "producers",
+        "workers",
+        "llmq_cli",
+        dist_info,
+    }
     shipped = {f"workers/fleet/scenarios/{p.name}" for p in SCENARIOS.glob("*.toml")}
     assert {"workers/fleet/scenarios/demo.toml", "workers/fleet/scenarios/zero.toml"} <= shipped
-    assert shipped | {"producers/demo.toml", f"{dist_info}/licenses/LICENSE"} <= names
+    assert shipped | {"llmq_cli/demo.toml", f"{dist_info}/licenses/LICENSE"} <= names
     assert not [n for n in names if n.startswith("tests/") or "__pycache__" in n]
     headers = metadata.split("\n\n", 1)[0].splitlines()
     assert "Name: llmq-router" in headers
@@ -113,7 +119,7 @@ def test_wheel_holds_the_packages_their_data_and_the_license(wheel: Path) -> Non
     [uvloop] = [r for r in default if r.startswith("uvloop")]
     assert "sys_platform != 'win32'" in uvloop
     assert any(r.startswith("httpx") and "extra == 'httpx'" in r for r in requires)
-    assert "llmq = producers.cli:main" in entry_points
+    assert "llmq = llmq_cli.main:main" in entry_points
 
 
 def test_installed_without_httpx_it_names_the_extra(venv: Path, tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 The broker-level cases are in tests/integration/test_undecodable.py; here
 ``read_letter``, ``details``, ``replay_headers`` and the rendering get
-inputs a producer can send: a marked letter (workers/frames.py), header
+inputs a producer can send: a marked letter (schemas/broker/frames.py), header
 values of every odd type, markup and terminal escape codes, a body nested
 deeper than orjson writes.
 """
@@ -22,7 +22,7 @@ from pamqp import encode
 from producers.dlq_actions import ReplayReport
 from producers.dlq_letters import details, read_letter, replay_headers
 from producers.dlq_render import console, letters_table, print_letter, print_replay
-from workers.frames import MARKER, RAW, RAW_LENGTH
+from schemas.broker.frames import MARKER, RAW, RAW_LENGTH
 
 
 @dataclass

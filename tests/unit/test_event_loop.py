@@ -54,7 +54,7 @@ def test_importing_it_loads_no_uvloop() -> None:
 def uvloop_importers() -> list[str]:
     """Package modules that import uvloop anywhere (at the top or in a function)."""
     found = []
-    for package in ("schemas", "producers", "workers"):
+    for package in ("schemas", "producers", "workers", "llmq_cli"):
         for path in sorted((ROOT / package).rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else []

@@ -1,4 +1,4 @@
-"""Safe frame reading (workers/frames.py, workers/frame_reader.py) on hand-built frame bytes.
+"""Safe frame reading (schemas/broker/frames.py, connection.py) on hand-built frame bytes.
 
 Every hostile property block here is one RabbitMQ 3.10 accepts (measured
 with tests/rawamqp.py); pamqp raises on each, which is what ended the
@@ -28,13 +28,13 @@ from pamqp.exceptions import PAMQPException
 from rawamqp import entry, longstr, nested_table, properties, shortstr, table, timestamp
 from yarl import URL
 
-from workers.frame_reader import (
+from schemas.broker.connection import (
     SafeConnection,
     SafeFrameReader,
     SafeRobustConnection,
     SafeTransportFactory,
 )
-from workers.frames import (
+from schemas.broker.frames import (
     MARKER,
     MAX_DEPTH,
     MAX_FIELDS,

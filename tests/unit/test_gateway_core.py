@@ -36,8 +36,8 @@ from producers.gateway_server import loggable_path
 from schemas.codec import MAX_SLA_MS
 from schemas.contract import JOB_ID_RE
 from schemas.errors import HTTP_STATUS, RETRIABLE, ErrorCode
+from schemas.secrets import redact_url
 from schemas.settings import ConfigError, GatewaySettings, Settings, load_settings
-from workers.errors import redact_url
 
 
 @pytest.fixture(autouse=True)

@@ -11,10 +11,12 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from producers.probe import Sample, percentile
-from producers.probe import summarize as probe_summary
-from producers.status import Observed, QueueInfo, summarize
+from llmq_cli.probe import Sample, percentile
+from llmq_cli.probe import summarize as probe_summary
+from llmq_cli.status import Observed, QueueInfo, summarize
+from producers.gateway_metrics import GatewayMetrics
 from schemas.errors import ErrorCode
+from schemas.exposition import new_registry
 from schemas.settings import BudgetsSettings, ConfigError, Settings, load_settings
 from workers.budgets import BudgetKeeper, month_of
 from workers.events import (
@@ -30,14 +32,7 @@ from workers.events import (
     Retried,
     Spent,
 )
-from workers.metrics import (
-    GatewayMetrics,
-    Sources,
-    WorkerMetrics,
-    configured_tenants,
-    new_registry,
-    register_state,
-)
+from workers.metrics import Sources, WorkerMetrics, configured_tenants, register_state
 from workers.routing import EndpointSpec, FailureKind, Router, RoutingConfig, Work
 from workers.state import STATE_VERSION, StateBook, decode_state
 from workers.tracing import NOOP_TRACER, make_tracer

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.errors import redact
+from schemas.secrets import redact
 
 KEY = "sk-SENTINEL-0123456789abcdef"
 

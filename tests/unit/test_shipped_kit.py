@@ -1,5 +1,5 @@
 """The testing kit's files are package data: the fleet's scenarios
-(workers/fleet/scenarios/) and the demo's config (producers/demo.toml) are
+(workers/fleet/scenarios/) and the demo's config (llmq_cli/demo.toml) are
 found through ``importlib.resources``, by name, from any directory."""
 
 from __future__ import annotations
@@ -57,11 +57,11 @@ def test_neither_a_file_nor_a_name_lists_the_shipped_ones(tmp_path: Path) -> Non
 def test_the_demo_config_ships_beside_the_demo_and_fits_the_demo_fleet(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """producers/demo.toml is package data, and its endpoints are the demo scenario's ports."""
+    """llmq_cli/demo.toml is package data, and its endpoints are the demo scenario's ports."""
     monkeypatch.setenv("LLMQ_FLEET_KEY", "sk-fleet-demo")
     for name in [n for n in os.environ if n.startswith("LLMQ_") and n != "LLMQ_FLEET_KEY"]:
         monkeypatch.delenv(name)
-    with resources.as_file(resources.files("producers") / "demo.toml") as config:
+    with resources.as_file(resources.files("llmq_cli") / "demo.toml") as config:
         settings = load_settings(config)
     with scenario_file("demo") as path:
         scenario = load_scenario(path)

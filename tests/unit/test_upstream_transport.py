@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from producers.probe import probe_command
+from llmq_cli.probe import probe_command
 from schemas.settings import ConfigError
 from workers.command import worker_command
 from workers.upstream import AiohttpUpstream, make_upstream, require_transport
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_the_default_adapter_loads_no_httpx() -> None:
     code = (
-        "import sys, workers.upstream, workers.service, producers.probe;"
+        "import sys, workers.upstream, workers.service, llmq_cli.probe;"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('httpx', 'httpx_aiohttp')))"
     )
     out = subprocess.run(

@@ -1,25 +1,40 @@
-"""The I/O half of safe frame reading: llmq's connections read frames through a guard.
+"""Connections to the broker: every llmq connection is made here.
+
+Each reads its frames through a guard (below); robust ones reconnect with
+full-jitter exponential backoff (:func:`connect`).
 
 :class:`SafeConnection` and :class:`SafeRobustConnection` are aio-pika's
 connection classes with one difference: aiormq opens their socket with
 :class:`SafeTransportFactory`, whose reader hands aiormq each frame as
-:class:`workers.frames.FrameGuard` left it. Why: see ``workers/frames.py``.
+:class:`schemas.broker.frames.FrameGuard` left it. Why: see ``schemas/broker/frames.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import struct
 from typing import Any, cast
 
 import aio_pika
+from aio_pika.abc import AbstractRobustConnection
 from aio_pika.robust_connection import RobustConnection
 from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
 from yarl import URL
 
-from workers.frames import FrameGuard
+from schemas.broker.frames import FrameGuard
 
-__all__ = ["SafeConnection", "SafeFrameReader", "SafeRobustConnection", "SafeTransportFactory"]
+__all__ = [
+    "JitteredRobustConnection",
+    "SafeConnection",
+    "SafeFrameReader",
+    "SafeRobustConnection",
+    "SafeTransportFactory",
+    "connect",
+]
+
+_RECONNECT_BASE_S = 0.5
+_RECONNECT_CAP_S = 15.0
 
 _HEAD = struct.Struct(">BHI")
 _GUARDED = (1, 2)  # method frames and content headers; bodies and heartbeats pass
@@ -113,3 +128,42 @@ class SafeRobustConnection(RobustConnection):
     ) -> None:
         super().__init__(url, loop, **kwargs)
         self.kwargs["transport_factory"] = SafeTransportFactory()
+
+
+class JitteredRobustConnection(SafeRobustConnection):
+    """aio-pika reconnects every ``reconnect_interval`` seconds, fixed; this
+    makes it full-jitter exponential so a fleet of workers does not reconnect
+    in lockstep after a broker restart."""
+
+    _tries = 0
+
+    @property
+    def reconnect_interval(self) -> float:
+        self._tries += 1
+        ceiling = min(_RECONNECT_CAP_S, _RECONNECT_BASE_S * 2.0 ** min(self._tries, 16))
+        return random.uniform(_RECONNECT_BASE_S, ceiling)
+
+    @reconnect_interval.setter
+    def reconnect_interval(self, value: float) -> None:
+        self._tries = 0
+
+
+async def connect(url: str, *, name: str, heartbeat_s: int = 30) -> AbstractRobustConnection:
+    """A robust connection with jittered reconnects; the first connect fails fast.
+
+    Its frames are read through :class:`schemas.broker.frames.FrameGuard`: a
+    message the client library could not decode arrives marked instead of
+    ending the connection (see ``schemas/broker/frames.py``).
+    """
+    connection = await aio_pika.connect_robust(
+        url,
+        connection_class=JitteredRobustConnection,
+        client_properties={"connection_name": name},
+        heartbeat=heartbeat_s,
+    )
+    connection.reconnect_callbacks.add(_reset_backoff)
+    return connection
+
+
+def _reset_backoff(connection: Any) -> None:
+    connection._tries = 0

@@ -2,7 +2,7 @@
 
 Starts the fleet of the shipped ``demo`` scenario
 (workers/fleet/scenarios/demo.toml) in a subprocess, runs a worker with the
-demo's configuration (producers/demo.toml, beside this module) in this
+demo's configuration (llmq_cli/demo.toml, beside this module) in this
 process (so it can show circuit states), sends a burst of jobs through the
 broker with ``LlmqClient`` and prints what happened per endpoint, with lost =
 jobs without a reply. Both files are package data: an installed wheel runs
@@ -30,8 +30,8 @@ import orjson
 
 from producers.stats import nearest_rank
 from schemas import event_loop
+from schemas.broker.connection import SafeConnection
 from schemas.settings import ConfigError, Settings, load_settings
-from workers.frame_reader import SafeConnection
 
 __all__ = ["demo_command", "run_demo", "summarise"]
 
@@ -287,7 +287,7 @@ def _print_summary(summary: dict[str, Any], config: Path) -> None:
     "--config",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Worker config for the demo fleet.  [default: the shipped producers/demo.toml]",
+    help="Worker config for the demo fleet.  [default: the shipped llmq_cli/demo.toml]",
 )
 @click.option(
     "--scenario",
@@ -328,7 +328,7 @@ def _run(
     ``scenario`` goes to ``python -m workers.fleet`` as given: the fleet
     resolves shipped names itself.
     """
-    from workers.logs import setup_logging
+    from schemas.logs import setup_logging
 
     setup_logging("warning")
     ports = [int(e.base_url.rsplit(":", 1)[1].split("/")[0]) for e in settings.endpoints]

@@ -15,7 +15,7 @@ Method frames carry producer bytes too: the routing key of a
 and the text of a ``Channel.Close`` that echoes a bad ``user_id``.
 
 **The fix.** Every llmq connection reads its socket through
-``workers.frame_reader.SafeFrameReader``, which hands each frame to
+``schemas.broker.connection.SafeFrameReader``, which hands each frame to
 :class:`FrameGuard` before aiormq sees it. A content header whose property block
 :func:`check_properties` does not pass is replaced by one with the same body
 size (the body frames that follow stay in step) whose only property is a
@@ -29,7 +29,7 @@ and the content that follows such a delivery is marked as above.
 **Why at this layer.** The exception happens inside aiormq's reader task,
 before any consumer or callback of ours runs, so nothing above the frame
 layer can catch it. aiormq takes a ``transport_factory`` per connection;
-``SafeConnection`` and ``SafeRobustConnection`` (``workers/frame_reader.py``)
+``SafeConnection`` and ``SafeRobustConnection`` (``schemas/broker/connection.py``)
 pass one, so the guard applies to llmq's connections only, with no patch of
 pamqp or aiormq.
 The check is a strict, linear scan rather than a trial decode (which would
@@ -93,7 +93,7 @@ _PROPERTIES = tuple(
 )
 _SIZES = {"octet": 1, "short": 2, "long": 4, "longlong": 8}
 if {kind for _, _, kind in _PROPERTIES} != {"shortstr", "table", "octet", "timestamp"}:
-    raise ImportError("pamqp's Basic.Properties changed: review workers/frames.py")
+    raise ImportError("pamqp's Basic.Properties changed: review schemas/broker/frames.py")
 
 
 class _Unreadable(Exception):

@@ -1,5 +1,6 @@
-"""The ``llmq`` command. Subcommands import their modules lazily so that
-``llmq --help`` and small commands start fast."""
+"""The ``llmq`` command: the roles' commands and the operator tools, imported
+directly (mypy sees every one; a missing module fails loudly, never hides a
+command)."""
 
 from __future__ import annotations
 
@@ -7,33 +8,18 @@ import asyncio
 
 import click
 
+from llmq_cli.demo import demo_command
+from llmq_cli.probe import probe_command
+from llmq_cli.status import status_command
+from producers.dlq import dlq_group
+from producers.gateway import gateway_command
+from producers.submit import submit_command
+from schemas.broker.connection import SafeConnection
 from schemas.settings import ConfigError, Settings, load_settings
-from workers.frame_reader import SafeConnection
+from workers.command import worker_command
+from workers.fleet.command import fleet_command
 
 __all__ = ["main"]
-
-
-class _LazyGroup(click.Group):
-    """Resolve subcommands from ``module:attribute`` only when they are used."""
-
-    def __init__(self, *args: object, lazy: dict[str, str], **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._lazy = lazy
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *self._lazy})
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name in self._lazy:
-            module, attr = self._lazy[cmd_name].split(":")
-            try:
-                command: click.Command = getattr(__import__(module, fromlist=[attr]), attr)
-            except ModuleNotFoundError as exc:
-                if exc.name != module:
-                    raise  # a real missing dependency, not a command still to come
-                return None
-            return command
-        return super().get_command(ctx, cmd_name)
 
 
 def _settings(config: str | None) -> Settings:
@@ -43,20 +29,7 @@ def _settings(config: str | None) -> Settings:
         raise click.ClickException(str(exc)) from None
 
 
-@click.group(
-    cls=_LazyGroup,
-    lazy={
-        "worker": "workers.command:worker_command",
-        "fleet": "workers.fleet.command:fleet_command",
-        "demo": "producers.demo:demo_command",
-        "gateway": "producers.gateway:gateway_command",
-        "submit": "producers.submit:submit_command",
-        "dlq": "producers.dlq:dlq_group",
-        "status": "producers.status:status_command",
-        "probe": "producers.probe:probe_command",
-    },
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="llmq-router")
 def main() -> None:
     """llmq: a RabbitMQ-native router for LLM chat-completion jobs."""
@@ -71,7 +44,7 @@ def topology() -> None:
 @click.option("--config", type=click.Path(dir_okay=False), envvar="LLMQ_CONFIG")
 def topology_apply(config: str | None) -> None:
     """Declare exchanges, quorum queues and bindings (idempotent)."""
-    from producers.topology import TopologyError, apply_topology
+    from schemas.broker.topology import TopologyError, apply_topology
     from schemas.topology import plan
 
     settings = _settings(config)
@@ -113,3 +86,16 @@ def topology_show(config: str | None) -> None:
         click.echo(f"queue    {q.name} ({args})")
     for b in topo.bindings:
         click.echo(f"binding  {b.exchange} --[{b.routing_key or '*'}]--> {b.queue}")
+
+
+for _command in (
+    worker_command,
+    fleet_command,
+    demo_command,
+    gateway_command,
+    submit_command,
+    dlq_group,
+    status_command,
+    probe_command,
+):
+    main.add_command(_command)

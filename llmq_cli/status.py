@@ -36,9 +36,9 @@ import click
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
+from schemas.broker.connection import SafeConnection
+from schemas.secrets import redact, redact_url, url_secrets
 from schemas.settings import ConfigError, Settings, load_settings
-from workers.errors import redact, redact_url, url_secrets
-from workers.frame_reader import SafeConnection
 from workers.routing.spend import Budget, SpendLedger
 from workers.state import decode_state
 
@@ -218,7 +218,7 @@ class StatusReader:
 
     async def __aenter__(self) -> StatusReader:
         url = self.settings.broker.url.get_secret_value()
-        # Frames read through the guard (workers/frames.py): anyone who may publish
+        # Frames read through the guard (schemas/broker/frames.py): anyone who may publish
         # to the state exchange could otherwise end this connection with one message.
         self._connection = await aio_pika.connect(
             url,

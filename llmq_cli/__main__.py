@@ -1,0 +1,5 @@
+"""``python -m llmq_cli`` runs the ``llmq`` command."""
+
+from llmq_cli.main import main
+
+main()

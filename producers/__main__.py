@@ -1,5 +1,0 @@
-"""``python -m producers`` runs the ``llmq`` command."""
-
-from producers.cli import main
-
-main()

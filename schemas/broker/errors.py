@@ -1,0 +1,24 @@
+"""What the broker layer raises; aiormq's exceptions stop here.
+
+::
+
+    BrokerFailure          a confirmed publish failed (the job must not be acked)
+    ├── Unroutable         the message was returned (no queue bound / reply queue gone)
+    └── Refused            the broker nacked it (the target queue is full)
+"""
+
+from __future__ import annotations
+
+__all__ = ["BrokerFailure", "Refused", "Unroutable"]
+
+
+class BrokerFailure(Exception):
+    """Publishing a message with a confirm failed."""
+
+
+class Unroutable(BrokerFailure):
+    """The broker returned the message: nothing is bound to that routing key."""
+
+
+class Refused(BrokerFailure):
+    """The broker nacked the message: a queue it routes to refuses it (full)."""
