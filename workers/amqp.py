@@ -10,10 +10,10 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage
 from pamqp import encode
 from pamqp.commands import Basic
 
+from schemas.broker.ports import Incoming
 from schemas.broker.publisher import FRAME_MAX as _FRAME_MAX
 from schemas.broker.publisher import PERSISTENT as _PERSISTENT
 from schemas.broker.publisher import Outgoing
@@ -33,7 +33,7 @@ REPLY_IN_HEADER = 8_192
 one is appended to the body (``reply-offset`` says where it starts)."""
 
 
-def minimal_dead_letter(incoming: AbstractIncomingMessage, headers: Mapping[str, Any]) -> Outgoing:
+def minimal_dead_letter(incoming: Incoming, headers: Mapping[str, Any]) -> Outgoing:
     """The job's body and ids with our error headers only: the last resort."""
     return Outgoing(
         incoming.body,
@@ -118,7 +118,7 @@ def _encoded_size(table: Mapping[str, Any]) -> int:
 
 
 def dead_letter_message(
-    incoming: AbstractIncomingMessage,
+    incoming: Incoming,
     extra_headers: Mapping[str, Any],
     *,
     reply: bytes | None = None,

@@ -20,6 +20,7 @@ from harness import Ledger, running_fleet, start_worker_process, write_worker_co
 
 from producers.client import LlmqClient
 from schemas.settings import Settings
+from workers.deliveries import Deliveries
 from workers.service import Worker
 
 pytestmark = [pytest.mark.faults, pytest.mark.rabbitmq]
@@ -255,14 +256,14 @@ async def test_poison_message(
     ledger: Ledger,
 ) -> None:
     """A poison message that makes the handler raise every time"""
-    original = Worker._serve
+    original = Deliveries.serve
 
-    async def buggy(self: Worker, message: Any) -> Any:
+    async def buggy(self: Deliveries, message: Any) -> Any:
         if (message.message_id or "").endswith("-0"):
             raise RuntimeError("poison")
         return await original(self, message)
 
-    monkeypatch.setattr(Worker, "_serve", buggy)
+    monkeypatch.setattr(Deliveries, "serve", buggy)
     async with running_fleet({"name": "a", "models": ["m1"]}) as fleet:
         settings = make_settings(fleet)
         async with worker_in_process(settings), collecting(amqp_url, settings, ledger) as replies:

@@ -76,6 +76,7 @@ class EndpointServer:
         self._http = web.Server(self._handle, handler_cancellation=True, access_log=None)
         self._listener: asyncio.Server | None = None
         self._opened = False
+        self._running: set[asyncio.Task[Any]] = set()
 
     @property
     def listening(self) -> bool:
@@ -120,6 +121,11 @@ class EndpointServer:
         listener.close()
         for connection in self._http.connections:
             connection.force_close()
+        running = [t for t in self._running if t is not asyncio.current_task()]
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running, timeout=1.0)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(listener.wait_closed(), 1.0)
         await asyncio.sleep(0)  # let the loop release the socket before a rebind
@@ -132,6 +138,16 @@ class EndpointServer:
         return web.Response(status=status, body=body, headers=headers)
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        # asyncio holds tasks weakly: a handler whose client vanished mid-request
+        # can wait on a future only its dead connection references, and would be
+        # garbage-collected while pending. Held here until it ends or close() ends it.
+        task = asyncio.current_task()
+        if task is not None:
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+        return await self._route(request)
+
+    async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
         path, method = request.path, request.method
         if path == "/v1/chat/completions" and method == "POST":
             return await self._chat(request)
