@@ -18,12 +18,13 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import aio_pika
-import aiormq
 import orjson
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection, DeliveryMode
 
 from producers.errors import Backpressure, DeadlineExceeded, PublishFailed, Unroutable, error_for
 from schemas.broker.connection import SafeRobustConnection
+from schemas.broker.errors import BrokerFailure, Refused, Returned
+from schemas.broker.publisher import Outgoing, Publisher
 from schemas.codec import decode_reply
 from schemas.contract import CONTENT_TYPE, HEADERS, SlaClass
 
@@ -58,7 +59,7 @@ class LlmqClient:
         self._user_id = broker_user(url) if user_id is None else (user_id or None)
         self._connection: AbstractRobustConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
-        self._exchange: aio_pika.abc.AbstractExchange | None = None
+        self._publisher: Publisher | None = None
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._reply: aio_pika.abc.AbstractQueue | None = None
         self._reply_tag: str | None = None
@@ -81,7 +82,7 @@ class LlmqClient:
         self._channel = await self._connection.channel(
             publisher_confirms=True, on_return_raises=True
         )
-        self._exchange = await self._channel.get_exchange(self._exchange_name, ensure=False)
+        self._publisher = await Publisher.open(self._connection)
         # A name of our own (not server-named) so a reconnect re-declares the same
         # queue; not exclusive and not auto-delete, so it outlives a dropped
         # connection and keeps the replies published meanwhile. The broker deletes
@@ -165,27 +166,25 @@ class LlmqClient:
         return job_id
 
     async def _publish(self, message: aio_pika.Message, routing_key: str) -> None:
-        assert self._exchange is not None, "use LlmqClient as an async context manager"
-        give_up = time.monotonic() + _REPUBLISH_WINDOW_S
+        publisher = self._publisher
+        assert publisher is not None, "use LlmqClient as an async context manager"
         async with self._unconfirmed:
-            while True:
-                try:
-                    await self._exchange.publish(message, routing_key=routing_key, mandatory=True)
-                    return
-                except aio_pika.exceptions.PublishError:
-                    raise Unroutable(f"no queue is bound for routing key {routing_key!r}") from None
-                except aiormq.exceptions.DeliveryError:
-                    raise Backpressure(f"the {routing_key} queue is full; retry later") from None
-                except (
-                    aiormq.exceptions.AMQPConnectionError,
-                    aiormq.exceptions.ChannelInvalidStateError,
-                    ConnectionError,
-                ) as exc:
-                    # Cut off by a reconnect: the broker may or may not have it, so
-                    # send it again with the same id (workers answer duplicates).
-                    if time.monotonic() > give_up:
-                        raise PublishFailed(f"broker unreachable: {exc}") from None
-                    await asyncio.sleep(0.5)
+            try:
+                # Cut off by a reconnect, it is sent again with the same id
+                # (the broker may or may not have it; workers answer duplicates).
+                await publisher.publish(
+                    Outgoing.of(message),
+                    exchange=self._exchange_name,
+                    routing_key=routing_key,
+                    timeout_s=_REPUBLISH_WINDOW_S,
+                )
+            except Returned as exc:
+                why = f"nothing is bound for routing key {routing_key!r} ({exc})"
+                raise Unroutable(why) from None
+            except Refused:
+                raise Backpressure(f"the {routing_key} queue is full; retry later") from None
+            except BrokerFailure as exc:
+                raise PublishFailed(f"broker unreachable: {exc}") from None
 
     async def submit_many(self, jobs: Iterable[Mapping[str, Any]], **options: Any) -> list[str]:
         """Publish many jobs concurrently (at most ``max_unconfirmed`` unconfirmed)."""

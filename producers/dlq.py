@@ -92,11 +92,13 @@ def _settings(config: str | None) -> Settings:
 def _run(coro: Any) -> Any:
     import aiormq
 
+    from schemas.broker.errors import BrokerFailure
+
     try:
         return asyncio.run(coro)
     except DlqError as exc:
         raise click.ClickException(str(exc)) from None
-    except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
+    except (aiormq.exceptions.AMQPError, ConnectionError, BrokerFailure) as exc:
         # Whatever this command still held, the broker has put back.
         raise click.ClickException(
             f"lost the broker connection ({type(exc).__name__}); dead letters not yet"

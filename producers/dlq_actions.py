@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
-import aiormq
 from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
 
 from producers.client import broker_user
 from producers.dlq_letters import Filter, replay_class, replay_headers, split_body
 from producers.dlq_queue import WINDOW, Confirm, DeadQueue, Selector, now_ms
+from schemas.broker.errors import Refused, Returned
+from schemas.broker.publisher import Outgoing, Publisher
 from schemas.settings import Settings
 
 __all__ = ["UNDECODABLE", "PurgeReport", "ReplayReport", "purge", "replay", "replay_message"]
@@ -107,12 +108,13 @@ async def replay(
     report = ReplayReport(dry_run=dry_run)
     classes = settings.topology.classes
     operator = broker_user(settings.broker.url.get_secret_value())
+    jobs_exchange = settings.topology.jobs_exchange
     pacer = _Pacer(rate)
     sent: set[str] = set()
     select = Selector(flt, confirm)
     async with DeadQueue(settings, window=window) as dq:
         report.total = dq.total
-        exchange = None if dry_run else await dq.jobs_exchange()
+        publisher = None if dry_run else await dq.jobs_publisher()
         async for batch in dq.windows():
             picked = await select.pick(batch, dq.total)
             report.scanned, report.matched = select.scanned, select.matched
@@ -121,7 +123,7 @@ async def replay(
                     break
                 letter = held.letter
                 target = replay_class(letter, classes)
-                if exchange is None:
+                if publisher is None:
                     to = target if letter.undecodable is None else "(refused: undecodable)"
                     report.planned.append({**letter.row(now_ms()), "replay_to": to})
                     continue
@@ -139,7 +141,9 @@ async def replay(
                         default_sla_ms=classes[target].default_sla_ms,
                         user_id=operator,
                     )
-                    failure = await _republish(exchange, message, target, backpressure_tries)
+                    failure = await _republish(
+                        publisher, message, jobs_exchange, target, backpressure_tries
+                    )
                     if failure is None:
                         await dq.ack(held)
                         report.replayed += 1
@@ -192,8 +196,9 @@ def replay_message(
 
 
 async def _republish(
-    exchange: aio_pika.abc.AbstractExchange,
+    publisher: Publisher,
     message: aio_pika.Message,
+    exchange: str,
     routing_key: str,
     tries: int,
 ) -> str | None:
@@ -202,15 +207,20 @@ async def _republish(
     A lost connection raises: the command stops and the broker takes back
     what it held, this dead letter included.
     """
+    outgoing = Outgoing.of(message)
     for attempt in range(tries):
         try:
-            await exchange.publish(
-                message, routing_key=routing_key, mandatory=True, timeout=_PUBLISH_TIMEOUT_S
+            await publisher.publish(
+                outgoing,
+                exchange=exchange,
+                routing_key=routing_key,
+                timeout_s=_PUBLISH_TIMEOUT_S,
+                retry_lost=False,
             )
             return None
-        except aio_pika.exceptions.PublishError:
+        except Returned:
             return "unroutable"
-        except aiormq.exceptions.DeliveryError:
+        except Refused:
             # The work queue is full (reject-publish): slow down, same message.
             if attempt + 1 < tries:
                 await asyncio.sleep(min(5.0, 0.2 * 2**attempt) * random.uniform(0.5, 1.0))

@@ -33,6 +33,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from producers.dlq_letters import DeadLetter, Filter, read_letter
 from schemas.broker.connection import SafeConnection
+from schemas.broker.publisher import Publisher
 from schemas.settings import Settings
 
 __all__ = [
@@ -187,22 +188,23 @@ class DeadQueue:
         held.settled = True
         self._acked += 1
 
-    async def jobs_exchange(self) -> aio_pika.abc.AbstractExchange:
-        """The jobs exchange on a confirming channel of a connection of its own.
+    async def jobs_publisher(self) -> Publisher:
+        """A confirming publisher to the jobs exchange, on a connection of its own.
 
         Publishing gets its own connection: a broker alarm blocks publishers,
         and must not stall the acks and nacks of what we hold.
         """
         conn = await _connect(self.settings, "llmq-dlq-replay")
         self._connections.append(conn)
-        channel = await conn.channel(publisher_confirms=True, on_return_raises=True)
         name = self.settings.topology.jobs_exchange
         try:
-            return await channel.get_exchange(name, ensure=True)
+            channel = await conn.channel()
+            await channel.get_exchange(name, ensure=True)
         except aiormq.exceptions.ChannelNotFoundEntity:
             raise DlqError(
                 f"the jobs exchange {name!r} does not exist; run `llmq topology apply`"
             ) from None
+        return await Publisher.open(conn)
 
 
 async def _connect(settings: Settings, name: str) -> aio_pika.abc.AbstractConnection:

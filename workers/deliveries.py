@@ -37,7 +37,7 @@ from typing import Any
 
 import aiormq
 
-from schemas.broker.errors import BrokerFailure, Refused, Unroutable
+from schemas.broker.errors import BrokerFailure, Refused, Returned
 from schemas.broker.ports import Confirming, Incoming
 from schemas.codec import Job
 from schemas.contract import DEAD_HEADERS, HEADERS
@@ -201,11 +201,11 @@ class Deliveries:
             )
             try:
                 await publisher.publish(reply, exchange="", routing_key=outcome.reply_to)
-            except (Unroutable, Refused) as exc:
+            except (Returned, Refused) as exc:
                 # The caller's queue is gone or full: keep the answer in the dead
                 # letter rather than requeue the job into the same wall.
                 plan = disposition(outcome.code, has_reply_to=True, reply_unroutable=True)
-                why = "does not exist" if isinstance(exc, Unroutable) else "refused it (full)"
+                why = "does not exist" if isinstance(exc, Returned) else "refused it (full)"
                 extra = {DEAD_HEADERS.REPLY_ERROR: f"reply_to queue {why}"}
                 undelivered = outcome.reply
         if plan.dead_letter:

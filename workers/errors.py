@@ -6,7 +6,7 @@
     └── UpstreamFailure        one attempt at one endpoint failed (carries a FailureKind)
 
     schemas.broker.errors.BrokerFailure   a reply or dead letter was not confirmed
-    ├── Unroutable                         returned: no queue bound / reply queue gone
+    ├── Returned                         returned: no queue bound / reply queue gone
     └── Refused                            nacked: the target queue is full
 
 Nothing here may carry an API key: :func:`schemas.secrets.redact` scrubs

@@ -3,20 +3,24 @@
 ::
 
     BrokerFailure          a confirmed publish failed (the job must not be acked)
-    ├── Unroutable         the message was returned (no queue bound / reply queue gone)
+    ├── Returned           the message came back (no queue bound / reply queue gone)
     └── Refused            the broker nacked it (the target queue is full)
+
+The producers translate them into their public errors (``producers.errors``):
+Returned into ``Unroutable``, Refused into ``Backpressure``, the rest into
+``PublishFailed``.
 """
 
 from __future__ import annotations
 
-__all__ = ["BrokerFailure", "Refused", "Unroutable"]
+__all__ = ["BrokerFailure", "Refused", "Returned"]
 
 
 class BrokerFailure(Exception):
     """Publishing a message with a confirm failed."""
 
 
-class Unroutable(BrokerFailure):
+class Returned(BrokerFailure):
     """The broker returned the message: nothing is bound to that routing key."""
 
 

@@ -1,7 +1,7 @@
 """An in-memory broker for tests, in the manner of dramatiq's ``StubBroker``.
 
 It keeps queues, bindings and deliveries in dicts and models what the roles
-rely on: a confirmed publish that raises :class:`Unroutable` when no queue
+rely on: a confirmed publish that raises :class:`Returned` when no queue
 is bound (``mandatory``) and :class:`Refused` when the queue is full
 (``x-max-length`` with ``reject-publish``); deliveries that are acked,
 or nacked back to the head of their queue with ``x-delivery-count`` raised
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from schemas.broker.errors import BrokerFailure, Refused, Unroutable
+from schemas.broker.errors import BrokerFailure, Refused, Returned
 from schemas.broker.publisher import FRAME_MAX, Outgoing
 
 __all__ = ["MemoryBroker", "MemoryMessage", "MemoryPublisher"]
@@ -107,7 +107,7 @@ class MemoryBroker:
         else:
             targets = list(self.bindings.get((exchange, routing_key), ()))
         if not targets:
-            raise Unroutable(f"no queue for {exchange or '(default)'}/{routing_key}")
+            raise Returned(f"no queue for {exchange or '(default)'}/{routing_key}")
         for queue in targets:
             limit = self.max_length.get(queue)
             if limit is not None and len(self.queues[queue]) >= limit:

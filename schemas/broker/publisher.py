@@ -18,10 +18,10 @@ from typing import cast
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractConnection, AbstractMessage
 from pamqp.commands import Basic
 
-from schemas.broker.errors import BrokerFailure, Refused, Unroutable
+from schemas.broker.errors import BrokerFailure, Refused, Returned
 
 __all__ = ["FRAME_MAX", "PERSISTENT", "Outgoing", "Publisher"]
 
@@ -39,6 +39,11 @@ class Outgoing:
     body: bytes
     properties: Basic.Properties
 
+    @classmethod
+    def of(cls, message: AbstractMessage) -> Outgoing:
+        """An aio-pika message as it goes on the wire."""
+        return cls(message.body, message.properties)
+
 
 class Publisher:
     """A confirming channel: ``publish`` returns once the broker has the message."""
@@ -47,20 +52,28 @@ class Publisher:
         self._channel = channel
 
     @classmethod
-    async def open(cls, connection: AbstractRobustConnection) -> Publisher:
+    async def open(cls, connection: AbstractConnection) -> Publisher:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         return cls(channel)
 
     async def publish(
-        self, message: Outgoing, *, exchange: str, routing_key: str, timeout_s: float = 30
+        self,
+        message: Outgoing,
+        *,
+        exchange: str,
+        routing_key: str,
+        timeout_s: float = 30,
+        retry_lost: bool = True,
     ) -> None:
-        """Publish with ``mandatory``; raises :class:`Unroutable`, :class:`Refused` (a nack)
+        """Publish with ``mandatory``; raises :class:`Returned`, :class:`Refused` (a nack)
         or :class:`BrokerFailure`.
 
         While the connection is down (a broker restart, a reconnect that comes
         back after the consuming side's) it waits and publishes again, up to
         ``timeout_s``: the answer is already paid for, and requeueing the job
-        instead would spend its delivery limit in a tight loop.
+        instead would spend its delivery limit in a tight loop. With
+        ``retry_lost=False`` a lost connection fails at once (a tool whose
+        connection does not come back).
         """
         give_up = time.monotonic() + timeout_s
         while True:
@@ -83,7 +96,9 @@ class Publisher:
                 )
                 return
             except aiormq.exceptions.PublishError:
-                raise Unroutable(f"no queue for {exchange or '(default)'}/{routing_key}") from None
+                raise Returned(f"no queue for {exchange or '(default)'}/{routing_key}") from None
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                raise Returned(f"exchange {exchange!r} does not exist") from None
             except aiormq.exceptions.DeliveryError:
                 raise Refused(
                     f"broker refused the message for {routing_key} (queue full?)"
@@ -94,7 +109,7 @@ class Publisher:
                 ConnectionError,
                 TimeoutError,
             ) as exc:
-                if time.monotonic() + _REPUBLISH_PAUSE_S > give_up:
+                if not retry_lost or time.monotonic() + _REPUBLISH_PAUSE_S > give_up:
                     raise BrokerFailure(f"publish failed: {type(exc).__name__}") from None
                 await asyncio.sleep(_REPUBLISH_PAUSE_S)
 

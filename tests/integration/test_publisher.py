@@ -11,7 +11,7 @@ import aio_pika
 import pytest
 
 from schemas.broker.connection import connect
-from schemas.broker.errors import BrokerFailure, Unroutable
+from schemas.broker.errors import BrokerFailure, Returned
 from schemas.broker.publisher import Publisher
 from schemas.contract import CONTENT_TYPE
 from workers.amqp import reply_message
@@ -52,7 +52,7 @@ async def test_reply_arrives_with_its_properties(
 async def test_returned_message_is_unroutable(publisher: Publisher) -> None:
     """Nothing bound to the routing key: the broker returns it and publish says so."""
     reply = reply_message(b"{}", correlation_id="c1", job_id="j1")
-    with pytest.raises(Unroutable, match="no-such-queue"):
+    with pytest.raises(Returned, match="no-such-queue"):
         await publisher.publish(reply, exchange="", routing_key=f"no-such-queue.{uuid.uuid4()}")
 
 
@@ -65,7 +65,7 @@ async def test_nack_is_a_broker_failure(
     await publisher.publish(first, exchange="", routing_key=queue.name)
     with pytest.raises(BrokerFailure, match="refused") as raised:
         await publisher.publish(second, exchange="", routing_key=queue.name)
-    assert not isinstance(raised.value, Unroutable)
+    assert not isinstance(raised.value, Returned)
 
 
 async def test_publish_waits_through_a_reconnect(

@@ -16,7 +16,7 @@ import orjson
 import pytest
 from pamqp.commands import Basic
 
-from schemas.broker.errors import BrokerFailure, Refused, Unroutable
+from schemas.broker.errors import BrokerFailure, Refused, Returned
 from schemas.broker.frames import MARKER
 from schemas.broker.memory import MemoryBroker, MemoryMessage
 from schemas.broker.publisher import Outgoing
@@ -261,9 +261,9 @@ async def test_the_memory_broker_refuses_like_rabbitmq() -> None:
     await publisher.publish(message, exchange="", routing_key="q")
     with pytest.raises(Refused):
         await publisher.publish(message, exchange="", routing_key="q")
-    with pytest.raises(Unroutable):
+    with pytest.raises(Returned):
         await publisher.publish(message, exchange="", routing_key="nowhere")
-    with pytest.raises(Unroutable):
+    with pytest.raises(Returned):
         await publisher.publish(message, exchange="ex", routing_key="q")
     [delivered] = broker.queues["q"]
     await delivered.ack()
