@@ -30,7 +30,7 @@ import orjson
 
 from producers.stats import nearest_rank
 from schemas import event_loop
-from schemas.broker.connection import SafeConnection
+from schemas.broker.connection import open_connection
 from schemas.settings import ConfigError, Settings, load_settings
 
 __all__ = ["demo_command", "run_demo", "summarise"]
@@ -128,9 +128,7 @@ async def _count_dead_letters(settings: Settings, prefix: str) -> int:
     """Count this run's dead letters without removing anyone's: look, then requeue all."""
     import aio_pika
 
-    connection = await aio_pika.connect(
-        settings.broker.url.get_secret_value(), connection_class=SafeConnection
-    )
+    connection = await open_connection(settings.broker.url.get_secret_value(), name="llmq-demo")
     try:
         channel = await connection.channel()
         queue = await channel.get_queue(settings.topology.dead_queue, ensure=False)

@@ -14,7 +14,7 @@ from llmq_cli.status import status_command
 from producers.dlq import dlq_group
 from producers.gateway import gateway_command
 from producers.submit import submit_command
-from schemas.broker.connection import SafeConnection
+from schemas.broker.connection import open_connection
 from schemas.settings import ConfigError, Settings, load_settings
 from workers.command import worker_command
 from workers.fleet.command import fleet_command
@@ -50,10 +50,9 @@ def topology_apply(config: str | None) -> None:
     settings = _settings(config)
 
     async def run() -> None:
-        import aio_pika
 
-        connection = await aio_pika.connect(
-            settings.broker.url.get_secret_value(), connection_class=SafeConnection
+        connection = await open_connection(
+            settings.broker.url.get_secret_value(), name="llmq-topology"
         )
         try:
             applied = await apply_topology(connection, plan(settings.topology))

@@ -36,7 +36,7 @@ import click
 import orjson
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from schemas.broker.connection import SafeConnection
+from schemas.broker.connection import open_connection
 from schemas.secrets import redact, redact_url, url_secrets
 from schemas.settings import ConfigError, Settings, load_settings
 from workers.routing.spend import Budget, SpendLedger
@@ -220,11 +220,7 @@ class StatusReader:
         url = self.settings.broker.url.get_secret_value()
         # Frames read through the guard (schemas/broker/frames.py): anyone who may publish
         # to the state exchange could otherwise end this connection with one message.
-        self._connection = await aio_pika.connect(
-            url,
-            client_properties={"connection_name": "llmq-status"},
-            connection_class=SafeConnection,
-        )
+        self._connection = await open_connection(url, name="llmq-status")
         await self._listen()
         return self
 

@@ -22,7 +22,7 @@ import orjson
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection, DeliveryMode
 
 from producers.errors import Backpressure, DeadlineExceeded, PublishFailed, Unroutable, error_for
-from schemas.broker.connection import SafeRobustConnection
+from schemas.broker.connection import connect
 from schemas.broker.errors import BrokerFailure, Refused, Returned
 from schemas.broker.publisher import Outgoing, Publisher
 from schemas.codec import decode_reply
@@ -74,11 +74,7 @@ class LlmqClient:
     async def __aenter__(self) -> LlmqClient:
         # Frames read through the guard: a reply the client library could not
         # decode arrives marked (and unmatched) instead of ending the connection.
-        self._connection = await aio_pika.connect_robust(
-            self._url,
-            client_properties={"connection_name": "llmq-client"},
-            connection_class=SafeRobustConnection,
-        )
+        self._connection = await connect(self._url, name="llmq-client")
         self._channel = await self._connection.channel(
             publisher_confirms=True, on_return_raises=True
         )

@@ -32,7 +32,7 @@ import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 
 from producers.dlq_letters import DeadLetter, Filter, read_letter
-from schemas.broker.connection import SafeConnection
+from schemas.broker.connection import open_connection
 from schemas.broker.publisher import Publisher
 from schemas.settings import Settings
 
@@ -212,12 +212,7 @@ async def _connect(settings: Settings, name: str) -> aio_pika.abc.AbstractConnec
     try:
         # Frames read through the guard: a dead letter the client library could
         # not decode arrives marked instead of ending the connection (schemas/broker/frames.py).
-        return await aio_pika.connect(
-            url,
-            client_properties={"connection_name": name},
-            heartbeat=settings.broker.heartbeat_s,
-            connection_class=SafeConnection,
-        )
+        return await open_connection(url, name=name, heartbeat_s=settings.broker.heartbeat_s)
     except (OSError, aiormq.exceptions.AMQPError) as exc:
         parts = urlsplit(url)  # never print the password
         where = f"{parts.hostname}:{parts.port or 5672}{parts.path or '/'}"

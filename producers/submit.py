@@ -35,7 +35,7 @@ import orjson
 
 from producers.errors import Backpressure, DeadlineExceeded, PublishFailed, Unroutable
 from producers.stats import nearest_rank
-from schemas.broker.connection import SafeConnection
+from schemas.broker.connection import open_connection
 from schemas.contract import SCHEMA_VERSION, SlaClass
 from schemas.settings import ConfigError, Settings, load_settings
 
@@ -161,11 +161,10 @@ def _failure(job_id: str, code: str, message: str, *, retriable: bool) -> dict[s
 
 
 async def _check_reply_queue(settings: Settings, queue: str) -> None:
-    import aio_pika
     import aiormq
 
-    connection = await aio_pika.connect(
-        settings.broker.url.get_secret_value(), connection_class=SafeConnection
+    connection = await open_connection(
+        settings.broker.url.get_secret_value(), name="llmq-submit-check"
     )
     try:
         channel = await connection.channel()

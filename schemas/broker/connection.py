@@ -20,6 +20,7 @@ import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 from aio_pika.robust_connection import RobustConnection
 from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
+from pamqp.common import FieldTable
 from yarl import URL
 
 from schemas.broker.frames import FrameGuard
@@ -31,6 +32,7 @@ __all__ = [
     "SafeRobustConnection",
     "SafeTransportFactory",
     "connect",
+    "open_connection",
 ]
 
 _RECONNECT_BASE_S = 0.5
@@ -163,6 +165,23 @@ async def connect(url: str, *, name: str, heartbeat_s: int = 30) -> AbstractRobu
     )
     connection.reconnect_callbacks.add(_reset_backoff)
     return connection
+
+
+async def open_connection(
+    url: str, *, name: str, heartbeat_s: int | None = None
+) -> aio_pika.abc.AbstractConnection:
+    """A plain connection (no reconnects) for a command that ends with it.
+
+    Its frames are read through the guard like every llmq connection's.
+    """
+    properties: FieldTable = {"connection_name": name}
+    if heartbeat_s is None:
+        return await aio_pika.connect(
+            url, connection_class=SafeConnection, client_properties=properties
+        )
+    return await aio_pika.connect(
+        url, connection_class=SafeConnection, client_properties=properties, heartbeat=heartbeat_s
+    )
 
 
 def _reset_backoff(connection: Any) -> None:

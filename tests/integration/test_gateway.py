@@ -327,11 +327,17 @@ async def test_broker_outage_is_503_and_readyz_follows_the_connection(
                     pytest.fail(f"readyz did not answer {status} within {timeout} s")
 
                 assert await readyz() == 200
-                # Only this test's connections live in the session vhost now.
-                rabbitmqctl("close_all_connections", "--vhost", vhost, "gateway test")
-                await until(503, timeout=5)
-                with pytest.raises(openai.InternalServerError) as down:
-                    await client.chat.completions.create(model="m1", messages=USER)
+                # An outage that lasts: the client reconnects within a second, so
+                # the broker also refuses it until guest may use the vhost again.
+                # Only this test's connections live in the module's vhost now.
+                rabbitmqctl("clear_permissions", "-p", vhost, "guest")
+                try:
+                    rabbitmqctl("close_all_connections", "--vhost", vhost, "gateway test")
+                    await until(503, timeout=5)
+                    with pytest.raises(openai.InternalServerError) as down:
+                        await client.chat.completions.create(model="m1", messages=USER)
+                finally:
+                    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
                 await until(200, timeout=15)  # the robust connection comes back
                 after = await client.chat.completions.create(model="m1", messages=USER)
     assert down.value.status_code == 503 and down.value.code == "broker_unavailable"

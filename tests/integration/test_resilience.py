@@ -11,6 +11,7 @@ import pytest
 from harness import Caller, chat, running_fleet
 
 from schemas.settings import Settings
+from workers.deliveries import Deliveries
 from workers.service import Worker
 
 pytestmark = pytest.mark.rabbitmq
@@ -27,14 +28,14 @@ async def test_poison_job_ends_in_the_dead_letters_with_an_error_reply(
 ) -> None:
     """A job that makes the handler raise every time is requeued until its last
     permitted delivery, then answered internal_error and dead-lettered."""
-    original = Worker._serve
+    original = Deliveries.serve
 
-    async def buggy(self: Worker, message: Any) -> Any:
+    async def buggy(self: Deliveries, message: Any) -> Any:
         if message.message_id == "poison":
             raise _Bug("a bug that this job triggers")
         return await original(self, message)
 
-    monkeypatch.setattr(Worker, "_serve", buggy)
+    monkeypatch.setattr(Deliveries, "serve", buggy)
     async with running_fleet({"name": "a", "models": ["m1"]}) as fleet:
         settings = make_settings(fleet)  # delivery_limit = 3
         worker = Worker(settings, name="w")
