@@ -28,7 +28,7 @@ from typing import Any
 import click
 import orjson
 
-from producers.stats import nearest_rank
+from producers.quantiles import nearest_rank
 from schemas import event_loop
 from schemas.broker.connection import open_connection
 from schemas.settings import ConfigError, Settings, load_settings

@@ -11,7 +11,7 @@ import click
 from llmq_cli.demo import demo_command
 from llmq_cli.probe import probe_command
 from llmq_cli.status import status_command
-from producers.dlq import dlq_group
+from producers.deadletters.command import dlq_group
 from producers.gateway import gateway_command
 from producers.submit import submit_command
 from schemas.broker.connection import open_connection

@@ -39,7 +39,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from schemas.broker.connection import open_connection
 from schemas.secrets import redact, redact_url, url_secrets
 from schemas.settings import ConfigError, Settings, load_settings
-from workers.routing.spend import Budget, SpendLedger
+from workers.routing.spend import SpendLedger, SpendLimit
 from workers.state import decode_state
 
 __all__ = ["StatusReader", "status_command", "summarize"]
@@ -177,8 +177,8 @@ def _rank(state: str) -> int:
 
 def _budgets(states: list[dict[str, Any]], settings: Settings) -> list[dict[str, Any]]:
     cfg = settings.budgets
-    budgets = [Budget("model", n, b.monthly_usd, b.hard_cap) for n, b in cfg.models.items()] + [
-        Budget("tenant", n, b.monthly_usd, b.hard_cap) for n, b in cfg.tenants.items()
+    budgets = [SpendLimit("model", n, b.monthly_usd, b.hard_cap) for n, b in cfg.models.items()] + [
+        SpendLimit("tenant", n, b.monthly_usd, b.hard_cap) for n, b in cfg.tenants.items()
     ]
     ledger = SpendLedger(budgets, origin="llmq-status", thresholds=())
     months = [s["spend"].get("month") for s in states if isinstance(s.get("spend"), dict)]

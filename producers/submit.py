@@ -34,7 +34,7 @@ import click
 import orjson
 
 from producers.errors import Backpressure, DeadlineExceeded, PublishFailed, Unroutable
-from producers.stats import nearest_rank
+from producers.quantiles import nearest_rank
 from schemas.broker.connection import open_connection
 from schemas.contract import SCHEMA_VERSION, SlaClass
 from schemas.settings import ConfigError, Settings, load_settings

@@ -1,4 +1,4 @@
-"""Secrets never leave in text: what scrubs them from messages, logs and URLs.
+"""Secrets never leave: what scrubs them from texts, URLs and header tables.
 
 Upstream error messages are the one place outside text enters our replies,
 logs and dead letters; operator tools print broker URLs.
@@ -7,10 +7,11 @@ logs and dead letters; operator tools print broker URLs.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-__all__ = ["redact", "redact_url", "url_secrets"]
+__all__ = ["redact", "redact_headers", "redact_url", "url_secrets"]
 
 
 # What upstreams echo of a key: OpenAI-style "sk-..." (masked or whole),
@@ -54,3 +55,24 @@ def url_secrets(url: str) -> tuple[str, ...]:
     except ValueError:
         return ()
     return (password, unquote(password)) if password else ()
+
+
+_SECRET_KEYS = (
+    *("authorization", "api-key", "api_key", "apikey", "token", "secret", "password"),
+    *("cookie", "credential"),
+)
+
+
+def redact_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """Headers with anything credential-like replaced, at any depth."""
+    out: dict[str, Any] = {}
+    for key, value in headers.items():
+        if any(hint in key.lower() for hint in _SECRET_KEYS):
+            out[key] = "[redacted]"
+        elif isinstance(value, Mapping):
+            out[key] = redact_headers(value)
+        elif isinstance(value, list | tuple):
+            out[key] = [redact_headers(v) if isinstance(v, Mapping) else v for v in value]
+        else:
+            out[key] = value
+    return out

@@ -86,7 +86,7 @@ class Dispatcher:
         hook: Hook = NOOP,
     ) -> None:
         self.router = router
-        self.budget = budget
+        self.retry_budget = budget
         self._upstream = upstream
         self._targets = targets
         self._max_attempts = max_attempts
@@ -99,7 +99,7 @@ class Dispatcher:
     async def run(self, job: Job, model: str, *, deadline: float, hedge: bool) -> Served | Failed:
         """Serve ``job`` (``model`` is canonical) before ``deadline`` (monotonic seconds)."""
         work = Work(prompt_tokens=max(1, job.prompt_chars // 4), output_tokens=job.output_cap)
-        self.budget.record_request(self._clock())
+        self.retry_budget.record_request(self._clock())
         choice = await self._first_choice(model, work, deadline)
         if isinstance(choice, NoChoice):
             return Failed(choice.code, choice.reason, 0, False, None, None)
@@ -189,7 +189,7 @@ class Dispatcher:
             progress,
             failure.kind,
             router=self.router,
-            budget=self.budget,
+            budget=self.retry_budget,
             model=model,
             work=work,
             now=self._clock(),
@@ -272,7 +272,7 @@ class Dispatcher:
             second = should_hedge(
                 first.choice,
                 router=self.router,
-                budget=self.budget,
+                budget=self.retry_budget,
                 model=model,
                 work=work,
                 now=self._clock(),

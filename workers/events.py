@@ -10,15 +10,14 @@ Events, one allocation each:
 
 * :class:`AttemptDone`: an upstream call ended (ok, a failure kind, cancelled)
 * :class:`Retried` / :class:`Hedged`: a second attempt started
-* :class:`BUDGET_EXHAUSTED`: the retry budget refused a retry or a hedge
+* :class:`RETRY_BUDGET_EXHAUSTED`: the retry budget refused a retry or a hedge
 * :class:`Spent`: an upstream answered with usage: tokens and USD
 * :class:`JobDone`: a delivery was settled (replied, dead-lettered, acked)
-* :class:`BudgetAlert`: a monthly budget crossed an alert threshold
+* :class:`SpendAlert`: a monthly budget crossed an alert threshold
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -27,19 +26,18 @@ from schemas.errors import ErrorCode
 from workers.routing import RetryBudget
 
 __all__ = [
-    "BUDGET_EXHAUSTED",
     "NOOP",
+    "RETRY_BUDGET_EXHAUSTED",
     "AttemptDone",
-    "BudgetAlert",
-    "BudgetExhausted",
     "Event",
     "Hedged",
     "Hook",
     "Hooks",
     "JobDone",
-    "LogHook",
-    "ObservedBudget",
+    "ObservedRetryBudget",
     "Retried",
+    "RetryBudgetExhausted",
+    "SpendAlert",
     "Spent",
 ]
 
@@ -71,11 +69,11 @@ class Hedged:
 
 
 @dataclass(frozen=True, slots=True)
-class BudgetExhausted:
+class RetryBudgetExhausted:
     """The retry budget refused a retry or a hedge."""
 
 
-BUDGET_EXHAUSTED = BudgetExhausted()
+RETRY_BUDGET_EXHAUSTED = RetryBudgetExhausted()
 """The one instance: refusing costs no allocation."""
 
 
@@ -112,7 +110,7 @@ class JobDone:
 
 
 @dataclass(frozen=True, slots=True)
-class BudgetAlert:
+class SpendAlert:
     """Spend this month crossed ``threshold`` of a budget (once per threshold and month)."""
 
     scope: str
@@ -124,7 +122,7 @@ class BudgetAlert:
     month: str
 
 
-Event = AttemptDone | Retried | Hedged | BudgetExhausted | Spent | JobDone | BudgetAlert
+Event = AttemptDone | Retried | Hedged | RetryBudgetExhausted | Spent | JobDone | SpendAlert
 
 
 class Hook(Protocol):
@@ -154,7 +152,7 @@ class Hooks:
             hook(event)
 
 
-class ObservedBudget(RetryBudget):
+class ObservedRetryBudget(RetryBudget):
     """A :class:`RetryBudget` that reports each refusal to a hook."""
 
     __slots__ = ("hook",)
@@ -166,81 +164,5 @@ class ObservedBudget(RetryBudget):
     def try_spend(self, now: float) -> bool:
         if super().try_spend(now):
             return True
-        self.hook(BUDGET_EXHAUSTED)
+        self.hook(RETRY_BUDGET_EXHAUSTED)
         return False
-
-
-# Codes a caller causes (a bad job, a spent budget): info. The rest say
-# something about the fleet or the worker: warning.
-_CALLER_CODES = frozenset(
-    {
-        ErrorCode.INVALID_REQUEST,
-        ErrorCode.UNKNOWN_MODEL,
-        ErrorCode.PAYLOAD_TOO_LARGE,
-        ErrorCode.OVER_BUDGET,
-    }
-)
-
-
-class LogHook:
-    """Log lines for finished jobs and budget alerts, with structured ``extra`` fields.
-
-    An ok job is a debug line (at 1 000 jobs/s an info line each would be the
-    loudest thing in the cluster); an error is info when the caller caused it
-    and warning otherwise. Every line carries ``job_id``, ``model``,
-    ``endpoint``, ``attempts`` and ``code``, which the JSON formatter turns
-    into keys.
-    """
-
-    __slots__ = ("_log",)
-
-    def __init__(self, logger: logging.Logger) -> None:
-        self._log = logger
-
-    def __call__(self, event: Event) -> None:
-        if isinstance(event, JobDone):
-            self._job(event)
-        elif isinstance(event, BudgetAlert):
-            self._log.warning(
-                "budget %s %s: %d%% of %.2f USD spent this month (%.2f USD)",
-                event.scope,
-                event.name,
-                round(event.threshold * 100),
-                event.limit_usd,
-                event.spent_usd,
-                extra={
-                    "scope": event.scope,
-                    "budget": event.name,
-                    "threshold": event.threshold,
-                    "spent_usd": round(event.spent_usd, 6),
-                    "limit_usd": event.limit_usd,
-                    "month": event.month,
-                },
-            )
-
-    def _job(self, event: JobDone) -> None:
-        code = event.code
-        if code is None:
-            level = logging.DEBUG
-        elif code in _CALLER_CODES:
-            level = logging.INFO
-        else:
-            level = logging.WARNING
-        if not self._log.isEnabledFor(level):
-            return
-        self._log.log(
-            level,
-            "job %s %s%s",
-            event.job_id,
-            "ok" if code is None else code.value,
-            " (dead-lettered)" if event.dead_lettered else "",
-            extra={
-                "job_id": event.job_id,
-                "model": event.model,
-                "endpoint": event.endpoint,
-                "attempts": event.attempts,
-                "code": None if code is None else code.value,
-                "tenant": event.tenant,
-                "dead_lettered": event.dead_lettered,
-            },
-        )

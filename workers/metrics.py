@@ -29,12 +29,12 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from schemas.settings import Settings
 from workers.events import (
     AttemptDone,
-    BudgetAlert,
-    BudgetExhausted,
     Event,
     Hedged,
     JobDone,
     Retried,
+    RetryBudgetExhausted,
+    SpendAlert,
     Spent,
 )
 from workers.routing import EndpointStatus
@@ -73,7 +73,7 @@ class Sources:
     counters: Callable[[], Mapping[str, int]]
     """``in_flight``, ``requeued``, ``duplicates``, ``reconnects``."""
     retry_balance: Callable[[], float]
-    budgets: Callable[[], list[dict[str, Any]]]
+    spend_limits: Callable[[], list[dict[str, Any]]]
     peers: Callable[[], int]
     loop_lag: Callable[[], float]
 
@@ -157,7 +157,7 @@ class WorkerMetrics:
         )
         self.budget_alerts = Counter(
             "llmq_budget_alerts",
-            "Budget alerts, once per threshold and month.",
+            "SpendLimit alerts, once per threshold and month.",
             ["scope", "name", "threshold"],
             registry=registry,
         )
@@ -192,9 +192,9 @@ class WorkerMetrics:
             if child is None:
                 child = self._hedges[event.endpoint] = self.hedges.labels(event.endpoint)
             child.inc()
-        elif isinstance(event, BudgetExhausted):
+        elif isinstance(event, RetryBudgetExhausted):
             self.budget_exhausted.inc()
-        elif isinstance(event, BudgetAlert):
+        elif isinstance(event, SpendAlert):
             self.budget_alerts.labels(event.scope, event.name, f"{event.threshold:g}").inc()
 
     def _job(self, event: JobDone) -> None:
@@ -350,7 +350,7 @@ class _StateCollector:
         limit = GaugeMetricFamily(
             "llmq_budget_limit_usd", "Monthly budget.", labels=["scope", "name"]
         )
-        for b in src.budgets():
+        for b in src.spend_limits():
             spent.add_metric([b["scope"], b["name"]], b["spent_usd"])
             limit.add_metric([b["scope"], b["name"]], b["limit_usd"])
         yield from (spent, limit)

@@ -28,7 +28,7 @@ from schemas.settings import ConfigError, ModelSettings, Settings
 from schemas.topology import plan
 from workers.attempts import Dispatcher, Failed, Served
 from workers.deliveries import Deliveries, WorkerStats
-from workers.events import ObservedBudget, Spent
+from workers.events import ObservedRetryBudget, Spent
 from workers.intake import Intake
 from workers.outcome import Outcome, failure
 from workers.preflight import preflight
@@ -112,8 +112,10 @@ class Worker:
             config,
             rand=random.random,
         )
-        budget = ObservedBudget(config.budget_ratio, config.budget_min_per_s, config.budget_ttl_s)
-        self.budget = budget
+        budget = ObservedRetryBudget(
+            config.budget_ratio, config.budget_min_per_s, config.budget_ttl_s
+        )
+        self.retry_budget = budget
         self.telemetry = Telemetry(
             settings,
             name=self.name,
@@ -182,7 +184,7 @@ class Worker:
         self._upstream = upstream
         self._dispatcher = Dispatcher(
             router=self.router,
-            budget=self.budget,
+            budget=self.retry_budget,
             upstream=upstream,
             targets={name: Target.from_settings(e) for name, e in self._endpoints.items()},
             max_attempts=self.router.config.max_attempts,
@@ -284,7 +286,7 @@ class Worker:
             cap = self.admission.output_cap(model, None)
             if cap is not None:  # the model's limit holds for jobs that did not say
                 job = replace(job, body={**job.body, "max_completion_tokens": cap}, output_cap=cap)
-        budgets = self.telemetry.budgets
+        budgets = self.telemetry.spend_limits
         # A hard cap holds under concurrency: the job's worst case is reserved
         # before any call, and this is the hold's one owner (settled or released).
         hold = budgets.reserve(model, job.tenant, self._worst_case_usd(job, model))
@@ -315,7 +317,7 @@ class Worker:
     def _worst_case_usd(self, job: Job, model: str) -> float:
         """What the job can cost at most: its body as prompt, ``n`` full completions,
         at the dearest endpoint of the model or its fallbacks."""
-        if not self.telemetry.budgets.enabled:
+        if not self.telemetry.spend_limits.enabled:
             return 0.0
         price_in, price_out = self._worst_price.get(model, (0.0, 0.0))
         cap = job.output_cap or self.router.config.default_max_tokens
@@ -330,7 +332,7 @@ class Worker:
             price_in, price_out = self._endpoints[served.endpoint].price(served.model)
             cost = round((usage_in * price_in + usage_out * price_out) / 1e6, 8)
         # Paid now, whatever happens to the reply: budgets and cost count it here.
-        self.telemetry.budgets.settle(hold, cost, model=served.model)
+        self.telemetry.spend_limits.settle(hold, cost, model=served.model)
         self.telemetry.hook(
             Spent(served.model, served.endpoint, job.tenant, usage_in, usage_out, cost)
         )

@@ -2,7 +2,7 @@
 
 The worker hands its events to ``Telemetry.hook`` (log lines, Prometheus
 series, the recent-errors window of the state message) and asks
-``Telemetry.budgets`` before and after each upstream call. ``start`` opens the
+``Telemetry.spend_limits`` before and after each upstream call. ``start`` opens the
 HTTP endpoint (``/metrics``, ``/healthz``, ``/readyz``) and the state gossip;
 both are optional extras: when the port is taken or the state exchange is
 missing the worker logs it and keeps routing jobs.
@@ -20,10 +20,11 @@ from aio_pika.abc import AbstractRobustConnection
 
 from schemas.exposition import MetricsServer, new_registry
 from schemas.settings import Settings
-from workers.budgets import BudgetKeeper
-from workers.events import Hook, Hooks, LogHook
+from workers.events import Hook, Hooks
+from workers.job_log import LogHook
 from workers.metrics import LoopMonitor, Sources, WorkerMetrics, configured_tenants, register_state
 from workers.routing import RetryBudget, Router
+from workers.spend_limits import SpendLimits
 from workers.state import StateBook, StateGossip
 from workers.tracing import Tracer, make_tracer
 
@@ -62,7 +63,7 @@ class Telemetry:
         )
         self.book = StateBook(origin=self.origin, worker=name)
         self.hook: Hook = Hooks([LogHook(log), self.metrics, self.book])
-        self.budgets = BudgetKeeper(settings.budgets, origin=self.origin, hook=self.hook)
+        self.spend_limits = SpendLimits(settings.budgets, origin=self.origin, hook=self.hook)
         self.tracer: Tracer = make_tracer()
         self.loop = LoopMonitor()
         self.gossip = StateGossip(
@@ -79,7 +80,7 @@ class Telemetry:
                 endpoints=lambda: router.snapshot(now=time.monotonic()),
                 counters=status,
                 retry_balance=lambda: retry_budget.balance(time.monotonic()),
-                budgets=self.budgets.view,
+                spend_limits=self.spend_limits.view,
                 peers=self.gossip.peer_count,
                 loop_lag=lambda: self.loop.lag_s,
             ),
@@ -139,7 +140,7 @@ class Telemetry:
             status=self._status(),
             now=now,
             interval_s=self.gossip.interval_s,
-            spend=self.budgets.payload(full=full),
+            spend=self.spend_limits.payload(full=full),
         )
 
     def heard(self, state: dict[str, Any]) -> None:
@@ -149,4 +150,4 @@ class Telemetry:
             self.router.observe_remote(endpoint, ejected_for_s=seconds, now=now)
         spend = state.get("spend")
         if isinstance(spend, dict):
-            self.budgets.heard(spend)
+            self.spend_limits.heard(spend)

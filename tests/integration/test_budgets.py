@@ -19,7 +19,7 @@ pytestmark = pytest.mark.rabbitmq
 
 
 def spent(worker: Worker, key: str = "model:m1") -> float:
-    return worker.telemetry.budgets.ledger.spent(key)
+    return worker.telemetry.spend_limits.ledger.spent(key)
 
 
 async def test_alerts_fire_once_per_threshold_and_the_hard_cap_stops_calls(

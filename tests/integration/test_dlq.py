@@ -21,10 +21,10 @@ import pytest
 from click.testing import CliRunner
 from harness import chat, running_fleet
 
-from producers.dlq import dlq_group
-from producers.dlq_actions import purge, replay
-from producers.dlq_letters import Filter
-from producers.dlq_queue import browse
+from producers.deadletters.actions import purge, replay
+from producers.deadletters.command import dlq_group
+from producers.deadletters.letters import Filter
+from producers.deadletters.queue import browse
 from schemas.broker.topology import apply_topology
 from schemas.settings import Settings
 from schemas.topology import plan

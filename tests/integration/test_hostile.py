@@ -250,7 +250,7 @@ async def test_llmq_client_jobs_are_billed_to_its_broker_users_tenant(
                 settings.broker.url.get_secret_value(), **client_names(settings)
             ) as client:
                 await client.complete("m1", [{"role": "user", "content": "hi"}], tenant="globex")
-            spent = {b["name"]: b["spent_usd"] for b in worker.telemetry.budgets.view()}
+            spent = {b["name"]: b["spent_usd"] for b in worker.telemetry.spend_limits.view()}
     assert spent["acme"] > 0 and spent["globex"] == 0
 
 
@@ -278,7 +278,7 @@ async def test_concurrent_jobs_cannot_run_past_a_hard_cap(
             jobs = [await caller.publish(chat(max_tokens=10)) for _ in range(40)]
             await caller.wait_for(lambda: all(j in caller.replies for j in jobs))
             requests = fleet.stats()["a"].requests
-            spent = {b["name"]: b["spent_usd"] for b in worker.telemetry.budgets.view()}
+            spent = {b["name"]: b["spent_usd"] for b in worker.telemetry.spend_limits.view()}
     codes = [
         caller.replies[j][0]["status"]
         if caller.replies[j][0]["status"] == "ok"

@@ -36,7 +36,7 @@ from rawamqp import (
 )
 
 from producers.client import LlmqClient
-from producers.dlq import dlq_group
+from producers.deadletters.command import dlq_group
 from schemas.broker.frames import RAW_CAP, RAW_LENGTH, raw_properties
 from schemas.broker.topology import apply_topology
 from schemas.settings import Settings

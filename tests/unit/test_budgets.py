@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from schemas.settings import BudgetsSettings
-from workers.budgets import NULL_HOLD, BudgetKeeper, Hold, month_of
-from workers.events import BudgetAlert, Event
+from workers.events import Event, SpendAlert
+from workers.spend_limits import NULL_HOLD, Hold, SpendLimits, month_of
 
 JULY = calendar.timegm((2026, 7, 31, 23, 59, 0))
 AUGUST = calendar.timegm((2026, 8, 1, 0, 1, 0))
@@ -26,7 +26,7 @@ class Clock:
 
 def keeper(
     clock: Clock | None = None, events: list[Event] | None = None, **budgets: Any
-) -> BudgetKeeper:
+) -> SpendLimits:
     settings = BudgetsSettings.model_validate(
         budgets or {"models": {"m1": {"monthly_usd": 10, "hard_cap": True}}}
     )
@@ -35,7 +35,7 @@ def keeper(
     def hook(event: Event) -> None:
         seen.append(event)
 
-    return BudgetKeeper(settings, origin="w1", hook=hook, clock=clock or Clock())
+    return SpendLimits(settings, origin="w1", hook=hook, clock=clock or Clock())
 
 
 async def test_forty_concurrent_jobs_cannot_overrun_a_cap_one_job_exhausts() -> None:
@@ -83,7 +83,7 @@ def test_refusals_say_which_budget_and_why_without_the_fleet_spend() -> None:
 
 def test_no_budgets_cost_nothing_and_share_one_null_hold() -> None:
     """Without budgets every job gets the same null hold, and settling it does nothing."""
-    budgets = BudgetKeeper(BudgetsSettings(), origin="w1")
+    budgets = SpendLimits(BudgetsSettings(), origin="w1")
     hold = budgets.reserve("m1", "acme", 1e9)
     assert hold is NULL_HOLD and budgets.reserve("m2", None, 0.0) is NULL_HOLD
     budgets.settle(hold, 5.0)
@@ -106,7 +106,7 @@ def test_settle_counts_once_alerts_and_charges_the_model_that_served() -> None:
     budgets.settle(hold, 6.0)
     budgets.release(hold)
     assert budgets.ledger.spent("model:m1") == 6.0
-    assert [e.threshold for e in events if isinstance(e, BudgetAlert)] == [0.5]
+    assert [e.threshold for e in events if isinstance(e, SpendAlert)] == [0.5]
     fallback = budgets.reserve("m1", None, 4.0)
     assert isinstance(fallback, Hold)
     budgets.settle(fallback, 3.0, model="m2")

@@ -10,17 +10,17 @@ from typing import Any
 import orjson
 import pytest
 
-from producers.dlq_letters import (
+from producers.deadletters.letters import (
     Filter,
     details,
     format_age,
     jsonable,
     parse_duration,
     read_letter,
-    redact,
     replay_class,
     replay_headers,
 )
+from schemas.secrets import redact_headers
 
 NOW = 1_750_000_000_000
 CLASSES = {"interactive": object(), "batch": object()}
@@ -206,7 +206,7 @@ def test_credential_like_headers_are_redacted_at_any_depth() -> None:
         "list": [{"password": "p"}, "plain"],
         "tenant": "billing",
     }
-    assert redact(headers) == {
+    assert redact_headers(headers) == {
         "Authorization": "[redacted]",
         "x-api-key": "[redacted]",
         "nested": {"access_token": "[redacted]", "ok": 1},

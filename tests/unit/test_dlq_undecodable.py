@@ -19,9 +19,9 @@ import orjson
 import pytest
 from pamqp import encode
 
-from producers.dlq_actions import ReplayReport
-from producers.dlq_letters import details, read_letter, replay_headers
-from producers.dlq_render import console, letters_table, print_letter, print_replay
+from producers.deadletters.actions import ReplayReport
+from producers.deadletters.letters import details, read_letter, replay_headers
+from producers.deadletters.render import console, letters_table, print_letter, print_replay
 from schemas.broker.frames import MARKER, RAW, RAW_LENGTH
 
 

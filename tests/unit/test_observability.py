@@ -18,22 +18,22 @@ from producers.gateway_metrics import GatewayMetrics
 from schemas.errors import ErrorCode
 from schemas.exposition import new_registry
 from schemas.settings import BudgetsSettings, ConfigError, Settings, load_settings
-from workers.budgets import BudgetKeeper, month_of
 from workers.events import (
-    BUDGET_EXHAUSTED,
+    RETRY_BUDGET_EXHAUSTED,
     AttemptDone,
-    BudgetAlert,
     Event,
     Hedged,
     Hooks,
     JobDone,
-    LogHook,
-    ObservedBudget,
+    ObservedRetryBudget,
     Retried,
+    SpendAlert,
     Spent,
 )
+from workers.job_log import LogHook
 from workers.metrics import Sources, WorkerMetrics, configured_tenants, register_state
 from workers.routing import EndpointSpec, FailureKind, Router, RoutingConfig, Work
+from workers.spend_limits import SpendLimits, month_of
 from workers.state import STATE_VERSION, StateBook, decode_state
 from workers.tracing import NOOP_TRACER, make_tracer
 
@@ -102,7 +102,7 @@ def test_ok_jobs_cost_nothing_when_debug_is_off(caplog: pytest.LogCaptureFixture
     logger = logging.getLogger("test.quiet")
     caplog.set_level(logging.INFO, logger="test.quiet")
     hook = LogHook(logger)
-    for event in (job(None), AttemptDone("a", "m1", "ok", 0.1), BUDGET_EXHAUSTED):
+    for event in (job(None), AttemptDone("a", "m1", "ok", 0.1), RETRY_BUDGET_EXHAUSTED):
         hook(event)
     assert caplog.records == []
 
@@ -111,7 +111,7 @@ def test_budget_alert_is_a_warning_with_fields(caplog: pytest.LogCaptureFixture)
     """A budget alert names the budget, threshold and spend."""
     logger = logging.getLogger("test.budget")
     caplog.set_level(logging.INFO, logger="test.budget")
-    LogHook(logger)(BudgetAlert("tenant", "acme", 0.75, 76.5, 100.0, "2026-07"))
+    LogHook(logger)(SpendAlert("tenant", "acme", 0.75, 76.5, 100.0, "2026-07"))
     [record] = caplog.records
     assert record.levelno == logging.WARNING
     assert "75%" in record.getMessage()
@@ -119,16 +119,16 @@ def test_budget_alert_is_a_warning_with_fields(caplog: pytest.LogCaptureFixture)
 
 
 def test_hooks_fan_out_and_the_budget_reports_refusals() -> None:
-    """Hooks calls each hook in order; ObservedBudget reports each refusal."""
+    """Hooks calls each hook in order; ObservedRetryBudget reports each refusal."""
     first, second = Recorder(), Recorder()
     hooks = Hooks([first, second])
-    budget = ObservedBudget(ratio=0.0, min_per_s=0.0)
+    budget = ObservedRetryBudget(ratio=0.0, min_per_s=0.0)
     budget.hook = hooks
     assert budget.try_spend(0.0) is False
-    generous = ObservedBudget(ratio=1.0, min_per_s=10.0)
+    generous = ObservedRetryBudget(ratio=1.0, min_per_s=10.0)
     generous.hook = hooks
     assert generous.try_spend(0.0) is True
-    assert first.events == second.events == [BUDGET_EXHAUSTED]
+    assert first.events == second.events == [RETRY_BUDGET_EXHAUSTED]
 
 
 # --- metrics ----------------------------------------------------------------------------
@@ -158,8 +158,8 @@ def test_worker_metrics_count_events_and_cap_tenants() -> None:
         AttemptDone("a", "m1", "timeout", 2.0),
         Retried("b", "timeout"),
         Hedged("b"),
-        BUDGET_EXHAUSTED,
-        BudgetAlert("model", "m1", 0.5, 50, 100, "2026-07"),
+        RETRY_BUDGET_EXHAUSTED,
+        SpendAlert("model", "m1", 0.5, 50, 100, "2026-07"),
         Spent("m1", "a", "t1", None, None, None),
     ):
         metrics(event)
@@ -218,7 +218,9 @@ def test_state_collector_reads_live_state() -> None:
             endpoints=lambda: router.snapshot(now=0.2),
             counters=lambda: {"in_flight": 3, "requeued": 1, "duplicates": 2, "reconnects": 0},
             retry_balance=lambda: 7.5,
-            budgets=lambda: [{"scope": "model", "name": "m1", "spent_usd": 1.5, "limit_usd": 9}],
+            spend_limits=lambda: [
+                {"scope": "model", "name": "m1", "spent_usd": 1.5, "limit_usd": 9}
+            ],
             peers=lambda: 2,
             loop_lag=lambda: 0.001,
         ),
@@ -326,7 +328,7 @@ def test_budget_keeper_checks_records_and_rolls_over() -> None:
     """The hard cap message, alerts as events, and a new month from the clock."""
     now = [1_782_864_000.0]  # 2026-07-01 UTC
     events = Recorder()
-    keeper = BudgetKeeper(
+    keeper = SpendLimits(
         BudgetsSettings(models={"m1": {"monthly_usd": 10, "hard_cap": True}}),
         origin="w#1",
         hook=events,
@@ -338,7 +340,7 @@ def test_budget_keeper_checks_records_and_rolls_over() -> None:
     assert keeper.check("m1", None) is None
     keeper.spend("m1", "acme", 4.0)
     assert keeper.check("m1", None) == "the monthly budget of model 'm1' (10.00 USD) is spent"
-    assert [e.threshold for e in events.events if isinstance(e, BudgetAlert)] == [0.5, 0.75, 0.9]
+    assert [e.threshold for e in events.events if isinstance(e, SpendAlert)] == [0.5, 0.75, 0.9]
     assert keeper.view() == [
         {"scope": "model", "name": "m1", "limit_usd": 10, "hard_cap": True, "spent_usd": 10.0}
     ]
@@ -351,7 +353,7 @@ def test_budget_keeper_checks_records_and_rolls_over() -> None:
 
 def test_no_budgets_cost_nothing() -> None:
     """Without budgets nothing is checked, recorded or gossiped."""
-    keeper = BudgetKeeper(BudgetsSettings(), origin="w")
+    keeper = SpendLimits(BudgetsSettings(), origin="w")
     assert not keeper.enabled
     assert keeper.check("m1", "t") is None
     keeper.spend("m1", "t", 1.0)
@@ -479,7 +481,7 @@ def exported_metric_names() -> set[str]:
             endpoints=list,
             counters=lambda: {"in_flight": 0, "requeued": 0, "duplicates": 0, "reconnects": 0},
             retry_balance=lambda: 0.0,
-            budgets=list,
+            spend_limits=list,
             peers=lambda: 0,
             loop_lag=lambda: 0.0,
         ),

@@ -14,7 +14,6 @@ keeps it that way. Modules, by concern:
 """
 
 from workers.routing.backoff import backoff
-from workers.routing.budget import RetryBudget
 from workers.routing.config import EndpointSpec, ModelRules, RoutingConfig, Work
 from workers.routing.disposition import Disposition, disposition
 from workers.routing.failures import FailureKind
@@ -26,6 +25,7 @@ from workers.routing.policy import (
     RandomPolicy,
     RoundRobinPolicy,
 )
+from workers.routing.retry_budget import RetryBudget
 from workers.routing.router import Router
 from workers.routing.steps import (
     GiveUp,

@@ -47,19 +47,19 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["NULL_HOLD", "Alert", "Budget", "Hold", "SpendLedger", "budget_key"]
+__all__ = ["NULL_HOLD", "Alert", "Hold", "SpendLedger", "SpendLimit", "limit_key"]
 
 MODEL = "model"
 TENANT = "tenant"
 
 
-def budget_key(scope: str, name: str) -> str:
+def limit_key(scope: str, name: str) -> str:
     """The key a budget's spend travels under: ``model:gpt-4.1``, ``tenant:acme``."""
     return f"{scope}:{name}"
 
 
 @dataclass(frozen=True, slots=True)
-class Budget:
+class SpendLimit:
     """A monthly limit for one model (all tenants) or one tenant (all models)."""
 
     scope: str
@@ -70,14 +70,14 @@ class Budget:
     key: str = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "key", budget_key(self.scope, self.name))
+        object.__setattr__(self, "key", limit_key(self.scope, self.name))
 
 
 @dataclass(frozen=True, slots=True)
 class Alert:
     """Spend crossed ``threshold`` × the budget's limit this month."""
 
-    budget: Budget
+    budget: SpendLimit
     threshold: float
     spent_usd: float
     month: str
@@ -122,7 +122,7 @@ class SpendLedger:
 
     def __init__(
         self,
-        budgets: Iterable[Budget],
+        budgets: Iterable[SpendLimit],
         *,
         origin: str,
         thresholds: Sequence[float] = (0.5, 0.75, 0.9),
@@ -141,7 +141,7 @@ class SpendLedger:
         self._holds: set[Hold] = set()
         """Holds in flight; not reset with the month (the calls are still running)."""
         self._reserved: dict[str, list[float]] = {}
-        """Budget key → [USD reserved in flight, number of holds]: the count lets the
+        """SpendLimit key → [USD reserved in flight, number of holds]: the count lets the
         sum return to exactly 0 when the last hold goes, whatever the float error."""
 
     def __repr__(self) -> str:
@@ -155,7 +155,7 @@ class SpendLedger:
         return bool(self._budgets)
 
     @property
-    def budgets(self) -> tuple[Budget, ...]:
+    def limits(self) -> tuple[SpendLimit, ...]:
         return tuple(self._budgets.values())
 
     def spent(self, key: str) -> float:
@@ -181,7 +181,7 @@ class SpendLedger:
 
     # --- this worker's spend ---------------------------------------------------
 
-    def blocked(self, *, model: str | None, tenant: str | None, month: str) -> Budget | None:
+    def blocked(self, *, model: str | None, tenant: str | None, month: str) -> SpendLimit | None:
         """The hard-capped budget that is spent, for a job of ``model`` and ``tenant``."""
         self._roll(month)
         for budget in (
@@ -194,7 +194,7 @@ class SpendLedger:
                 return budget
         return None
 
-    def _capped(self, model: str | None, tenant: str | None) -> list[Budget]:
+    def _capped(self, model: str | None, tenant: str | None) -> list[SpendLimit]:
         found = []
         for budget in (
             self._by_model.get(model) if model is not None else None,
@@ -206,7 +206,7 @@ class SpendLedger:
 
     def reserve(
         self, *, model: str | None, tenant: str | None, estimate_usd: float, month: str
-    ) -> Hold | Budget:
+    ) -> Hold | SpendLimit:
         """Reserve a job's worst-case cost, or the hard-capped budget that refuses it.
 
         A capped budget refuses when its spend + reservations in flight reach
@@ -281,7 +281,7 @@ class SpendLedger:
                 self._check(budget, month, alerts)
         return alerts
 
-    def _check(self, budget: Budget, month: str, alerts: list[Alert]) -> None:
+    def _check(self, budget: SpendLimit, month: str, alerts: list[Alert]) -> None:
         spent = self.spent(budget.key)
         done = self._alerted.get(budget.key, 0.0)
         for threshold in self._thresholds:
@@ -344,6 +344,6 @@ class SpendLedger:
                 self._check(budget, month, alerts)
         return alerts
 
-    def view(self) -> list[tuple[Budget, float]]:
+    def view(self) -> list[tuple[SpendLimit, float]]:
         """Every budget and the fleet's spend on it this month."""
         return [(b, self.spent(b.key)) for b in self._budgets.values()]

@@ -34,9 +34,9 @@ from dataclasses import dataclass, replace
 
 from schemas.errors import ErrorCode
 from workers.routing.backoff import backoff
-from workers.routing.budget import RetryBudget
 from workers.routing.config import Work
 from workers.routing.failures import FailureKind
+from workers.routing.retry_budget import RetryBudget
 from workers.routing.router import Router
 from workers.routing.values import Choice, NoChoice
 

@@ -9,11 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from workers.routing.pricing import estimate_usd, prompt_tokens_bound
-from workers.routing.spend import NULL_HOLD, Alert, Budget, Hold, SpendLedger, budget_key
+from workers.routing.spend import NULL_HOLD, Alert, Hold, SpendLedger, SpendLimit, limit_key
 
 M = "2026-07"
-MODEL = Budget("model", "gpt", 100.0, hard_cap=True)
-TENANT = Budget("tenant", "acme", 10.0)
+MODEL = SpendLimit("model", "gpt", 100.0, hard_cap=True)
+TENANT = SpendLimit("tenant", "acme", 10.0)
 
 
 def ledger(origin: str = "w1", thresholds: tuple[float, ...] = (0.5, 0.75, 0.9)) -> SpendLedger:
@@ -22,7 +22,7 @@ def ledger(origin: str = "w1", thresholds: tuple[float, ...] = (0.5, 0.75, 0.9))
 
 def test_budget_keys() -> None:
     """A budget travels under scope:name."""
-    assert MODEL.key == budget_key("model", "gpt") == "model:gpt"
+    assert MODEL.key == limit_key("model", "gpt") == "model:gpt"
     assert TENANT.key == "tenant:acme"
 
 
@@ -45,7 +45,7 @@ def test_record_counts_model_and_tenant_budgets() -> None:
     assert book.spent("tenant:acme") == 2.0
     assert book.spent("model:other") == 0.0
     assert book.view() == [(MODEL, 2.0), (TENANT, 2.0)]
-    assert book.budgets == (MODEL, TENANT)
+    assert book.limits == (MODEL, TENANT)
 
 
 def test_each_threshold_alerts_once() -> None:
@@ -86,7 +86,7 @@ def test_hard_cap_blocks_once_spent() -> None:
 
 def test_tenant_hard_cap() -> None:
     """Tenant budgets can be capped too."""
-    capped = Budget("tenant", "acme", 1.0, hard_cap=True)
+    capped = SpendLimit("tenant", "acme", 1.0, hard_cap=True)
     book = SpendLedger([capped], origin="w")
     book.record(model="gpt", tenant="acme", cost_usd=1.0, month=M)
     assert book.blocked(model="gpt", tenant="acme", month=M) is capped
@@ -172,8 +172,8 @@ def test_unbudgeted_keys_are_kept_for_relaying() -> None:
 
 # --- reservations: hard caps that hold under concurrency --------------------------------
 
-CAP = Budget("model", "gpt", 10.0, hard_cap=True)
-SOFT = Budget("tenant", "acme", 5.0)
+CAP = SpendLimit("model", "gpt", 10.0, hard_cap=True)
+SOFT = SpendLimit("tenant", "acme", 5.0)
 
 
 def capped(origin: str = "w1") -> SpendLedger:
@@ -266,7 +266,7 @@ def test_a_foreign_hold_changes_nothing() -> None:
 
 def test_a_fallback_model_is_charged_for_what_it_served() -> None:
     """settle(model=…) records under the model that answered, and frees the reserved one."""
-    other = Budget("model", "small", 100.0)
+    other = SpendLimit("model", "small", 100.0)
     book = SpendLedger([CAP, other], origin="w")
     hold = book.reserve(model="gpt", tenant=None, estimate_usd=5.0, month=M)
     assert isinstance(hold, Hold)
@@ -318,7 +318,7 @@ def test_reservations_never_leak_and_spend_is_what_was_settled(
     """Any interleaving of reserve/settle/release: once every hold is gone, nothing is
     reserved, the spend is the sum of the settled costs, and one worker alone never
     passes its cap (every cost within its estimate)."""
-    book = SpendLedger([CAP, Budget("tenant", "t0", 8.0, hard_cap=True)], origin="w")
+    book = SpendLedger([CAP, SpendLimit("tenant", "t0", 8.0, hard_cap=True)], origin="w")
     live: list[tuple[Hold, float, str]] = []
     settled = {"model:gpt": 0.0, "tenant:t0": 0.0}
     for tenant_no, estimate, used, how, later in jobs:

@@ -12,8 +12,8 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-from producers.dlq_actions import ReplayReport
-from producers.dlq_letters import DeadLetter, format_age
+from producers.deadletters.actions import ReplayReport
+from producers.deadletters.letters import DeadLetter, format_age
 
 __all__ = ["console", "letters_table", "plain", "plural", "print_letter", "print_replay"]
 

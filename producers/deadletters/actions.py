@@ -20,8 +20,8 @@ import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
 
 from producers.client import broker_user
-from producers.dlq_letters import Filter, replay_class, replay_headers, split_body
-from producers.dlq_queue import WINDOW, Confirm, DeadQueue, Selector, now_ms
+from producers.deadletters.letters import Filter, replay_class, replay_headers, split_body
+from producers.deadletters.queue import WINDOW, Confirm, DeadQueue, Selector, now_ms
 from schemas.broker.errors import Refused, Returned
 from schemas.broker.publisher import Outgoing, Publisher
 from schemas.settings import Settings

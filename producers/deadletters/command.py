@@ -2,7 +2,7 @@
 
 ``list`` and ``show`` give every message back; ``replay`` and ``purge``
 remove only what they match, ``replay`` only after the broker confirmed the
-republish. How browsing works and what it costs: :mod:`producers.dlq_queue`
+republish. How browsing works and what it costs: :mod:`producers.deadletters.queue`
 and docs/dead-letters.md.
 """
 
@@ -16,10 +16,10 @@ from typing import Any
 import click
 import orjson
 
-from producers import dlq_render as render
-from producers.dlq_actions import ReplayReport, purge, replay
-from producers.dlq_letters import Filter, details, parse_duration
-from producers.dlq_queue import DlqError, browse
+from producers.deadletters import render
+from producers.deadletters.actions import ReplayReport, purge, replay
+from producers.deadletters.letters import Filter, details, parse_duration
+from producers.deadletters.queue import DlqError, browse
 from schemas.errors import ErrorCode
 from schemas.settings import ConfigError, Settings, load_settings
 

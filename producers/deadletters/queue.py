@@ -31,7 +31,7 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 
-from producers.dlq_letters import DeadLetter, Filter, read_letter
+from producers.deadletters.letters import DeadLetter, Filter, read_letter
 from schemas.broker.connection import open_connection
 from schemas.broker.publisher import Publisher
 from schemas.settings import Settings

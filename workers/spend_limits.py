@@ -1,16 +1,16 @@
 """Monthly budgets on the worker: reserve before calling, settle after, alert, gossip.
 
-A job reserves its worst-case cost (:meth:`BudgetKeeper.reserve`, estimated
+A job reserves its worst-case cost (:meth:`SpendLimits.reserve`, estimated
 with :func:`workers.routing.pricing.estimate_usd`) before any upstream call
-and settles the hold at the actual cost (:meth:`BudgetKeeper.settle`) or
-releases it (:meth:`BudgetKeeper.release`) in a ``finally``; so concurrent
+and settles the hold at the actual cost (:meth:`SpendLimits.settle`) or
+releases it (:meth:`SpendLimits.release`) in a ``finally``; so concurrent
 jobs cannot all pass a hard cap that one of them exhausts. The bound on what
 the fleet can still overshoot is in :mod:`workers.routing.spend`.
 ``check``/``spend`` are the older check-before, charge-after pair.
 
 The arithmetic is :class:`workers.routing.spend.SpendLedger` (pure); this
 module gives it the clock (the UTC month), turns its alerts into
-:class:`~workers.events.BudgetAlert` events and exposes the gossip payload.
+:class:`~workers.events.SpendAlert` events and exposes the gossip payload.
 The fleet's spend is what this worker spent plus what it has heard from the
 others over ``topology.state_exchange`` (``workers.state``): eventually
 consistent within about a gossip interval, kept in memory only. See
@@ -24,10 +24,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from schemas.settings import BudgetsSettings
-from workers.events import NOOP, BudgetAlert, Hook
-from workers.routing.spend import NULL_HOLD, Alert, Budget, Hold, SpendLedger
+from workers.events import NOOP, Hook, SpendAlert
+from workers.routing.spend import NULL_HOLD, Alert, Hold, SpendLedger, SpendLimit
 
-__all__ = ["NULL_HOLD", "BudgetKeeper", "Hold", "month_of"]
+__all__ = ["NULL_HOLD", "Hold", "SpendLimits", "month_of"]
 
 
 def month_of(epoch_s: float) -> str:
@@ -35,7 +35,7 @@ def month_of(epoch_s: float) -> str:
     return time.strftime("%Y-%m", time.gmtime(epoch_s))
 
 
-class BudgetKeeper:
+class SpendLimits:
     """The worker's budgets; does nothing (and costs nothing) when none is configured."""
 
     def __init__(
@@ -47,9 +47,10 @@ class BudgetKeeper:
         clock: Callable[[], float] = time.time,
     ) -> None:
         budgets = [
-            Budget("model", name, b.monthly_usd, b.hard_cap) for name, b in settings.models.items()
+            SpendLimit("model", name, b.monthly_usd, b.hard_cap)
+            for name, b in settings.models.items()
         ] + [
-            Budget("tenant", name, b.monthly_usd, b.hard_cap)
+            SpendLimit("tenant", name, b.monthly_usd, b.hard_cap)
             for name, b in settings.tenants.items()
         ]
         self.ledger = SpendLedger(budgets, origin=origin, thresholds=settings.thresholds)
@@ -59,7 +60,7 @@ class BudgetKeeper:
         self._capped = any(b.hard_cap for b in budgets)
 
     def __repr__(self) -> str:
-        return f"<BudgetKeeper {self.ledger!r}>"
+        return f"<SpendLimits {self.ledger!r}>"
 
     def check(self, model: str, tenant: str | None) -> str | None:
         """Why a job may not run (a hard cap is spent), or None."""
@@ -134,7 +135,7 @@ class BudgetKeeper:
     def _alert(self, alerts: list[Alert]) -> None:
         for a in alerts:
             b = a.budget
-            self.hook(BudgetAlert(b.scope, b.name, a.threshold, a.spent_usd, b.limit_usd, a.month))
+            self.hook(SpendAlert(b.scope, b.name, a.threshold, a.spent_usd, b.limit_usd, a.month))
 
     def view(self) -> list[dict[str, Any]]:
         """Each budget, its limit and the fleet's spend this month, as data."""

@@ -29,6 +29,7 @@ from pamqp import encode
 from schemas.broker.frames import RAW_LENGTH, raw_properties, undecodable
 from schemas.contract import DEAD_HEADERS, HEADERS, SlaClass
 from schemas.errors import ErrorCode
+from schemas.secrets import redact_headers
 
 __all__ = [
     "REMOVED_ON_REPLAY",
@@ -40,7 +41,6 @@ __all__ = [
     "jsonable",
     "parse_duration",
     "read_letter",
-    "redact",
     "replay_class",
     "replay_headers",
     "split_body",
@@ -66,10 +66,6 @@ REMOVED_ON_REPLAY = frozenset(
 ``sla-class`` goes too: the replay's routing key carries it, and a worker
 writes it again if the job fails again."""
 
-_SECRET_HINTS = (
-    *("authorization", "api-key", "api_key", "apikey", "token", "secret", "password"),
-    *("cookie", "credential"),
-)
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
 _UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -342,21 +338,6 @@ def format_age(seconds: float | None) -> str:
     return f"{s // 86400}d {s % 86400 // 3600}h"
 
 
-def redact(headers: Mapping[str, Any]) -> dict[str, Any]:
-    """Headers with anything credential-like replaced, at any depth."""
-    out: dict[str, Any] = {}
-    for key, value in headers.items():
-        if any(hint in key.lower() for hint in _SECRET_HINTS):
-            out[key] = "[redacted]"
-        elif isinstance(value, Mapping):
-            out[key] = redact(value)
-        elif isinstance(value, list | tuple):
-            out[key] = [redact(v) if isinstance(v, Mapping) else v for v in value]
-        else:
-            out[key] = value
-    return out
-
-
 def jsonable(value: Any) -> Any:
     """AMQP field values as JSON: datetimes as ISO 8601, bytes as text (or base64)."""
     if isinstance(value, Mapping):
@@ -396,7 +377,7 @@ def details(message: MessageLike) -> dict[str, Any]:
             "user_id",
         )
     }
-    headers = redact(message.headers or {})
+    headers = redact_headers(message.headers or {})
     reply = headers.pop("reply", None)
     body, tail = split_body(message.body, message.headers or {})
     if tail is not None:
