@@ -173,6 +173,7 @@ class LlmqClient:
                     exchange=self._exchange_name,
                     routing_key=routing_key,
                     timeout_s=_REPUBLISH_WINDOW_S,
+                    bound_confirm=False,
                 )
             except Returned as exc:
                 why = f"nothing is bound for routing key {routing_key!r} ({exc})"

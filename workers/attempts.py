@@ -32,14 +32,12 @@ from workers.routing import (
     next_step,
     should_hedge,
 )
+from workers.routing.pacing import after_failure, capacity_wake, hedge_after, too_late
 from workers.upstream import Target, Upstream, UpstreamReply
 
 __all__ = ["Dispatcher", "Failed", "Served"]
 
 log = logging.getLogger("llmq.worker")
-
-_MIN_ATTEMPT_S = 0.05
-"""Don't start a first attempt with less time than this before the deadline."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,16 +101,9 @@ class Dispatcher:
         choice = await self._first_choice(model, work, deadline)
         if isinstance(choice, NoChoice):
             return Failed(choice.code, choice.reason, 0, False, None, None)
-        if deadline - self._margin_s - self._clock() < _MIN_ATTEMPT_S:
-            # A slot freed only as the deadline came: an attempt could not finish.
-            return Failed(
-                ErrorCode.DEADLINE_EXCEEDED,
-                "deadline passed waiting for capacity",
-                0,
-                False,
-                None,
-                None,
-            )
+        late = too_late(now=self._clock(), deadline=deadline, margin_s=self._margin_s)
+        if late is not None:
+            return Failed(late.code, late.message, 0, False, None, None)
         if log.isEnabledFor(logging.DEBUG):
             self._explain(job, model, work)
 
@@ -121,9 +112,14 @@ class Dispatcher:
         try:
             while True:
                 progress = progress.attempted(choice.endpoint)
-                delay = None
-                if hedge and progress.attempts == 1:  # only a job's first attempt may hedge
-                    delay = self.router.hedge_delay(choice.endpoint, work=work, model=model)
+                delay = hedge_after(
+                    progress,
+                    hedges=hedge,
+                    router=self.router,
+                    endpoint=choice.endpoint,
+                    work=work,
+                    model=model,
+                )
                 if delay is None:
                     # Nothing to race: the attempt runs in this task, no task or timer of
                     # its own (its timeout is the upstream call's, as in a task).
@@ -149,10 +145,9 @@ class Dispatcher:
                         return self._served(done.task.result(), done.choice, done.started, progress)
                     assert isinstance(error, UpstreamFailure)
                     failure, last = error, done.choice
-                if (
-                    failure.retry_after_s is not None
-                ):  # honoured for this job, whatever the router does
-                    progress = progress.told_to_wait(self._clock() + failure.retry_after_s)
+                progress = after_failure(
+                    progress, retry_after_s=failure.retry_after_s, now=self._clock()
+                )
                 step = self._next(progress, failure, model, work)
                 while isinstance(step, Wait):
                     await asyncio.sleep(step.delay_s)
@@ -207,15 +202,8 @@ class Dispatcher:
         choice = self.router.pick(model, work=work, now=self._clock(), rand=self._rand)
         while isinstance(choice, NoChoice):
             now = self._clock()
-            limit = deadline - self._margin_s
-            if choice.on_completion:
-                # A slot may free on a completion, before any known time.
-                wake = limit if choice.retry_at is None else min(choice.retry_at, limit)
-            elif choice.retry_at is not None and choice.retry_at < limit:
-                wake = choice.retry_at
-            else:
-                return choice
-            if wake <= now:
+            wake = capacity_wake(choice, now=now, deadline=deadline, margin_s=self._margin_s)
+            if wake is None:
                 return choice
             await self._released(wake - now)
             choice = self.router.pick(model, work=work, now=self._clock(), rand=self._rand)

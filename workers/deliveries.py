@@ -31,7 +31,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -47,6 +47,7 @@ from workers.events import Event, JobDone
 from workers.intake import Intake, fingerprint
 from workers.outcome import Outcome, failure, seconds
 from workers.routing import Disposition, disposition
+from workers.tracing import Route
 
 __all__ = ["Deliveries", "WorkerStats"]
 
@@ -54,9 +55,6 @@ log = logging.getLogger("llmq.worker")
 
 _RECENT_REPLIES = 10_000
 _TENANT = frozenset({HEADERS.TENANT})
-
-Route = Callable[[Job, int], Awaitable[Outcome]]
-"""Serve an admitted job (``now_ms`` given): the worker's routing half."""
 
 
 @dataclass(slots=True)
@@ -240,12 +238,12 @@ class Deliveries:
                 sla_class=message.routing_key or "",
                 code=plan.code if plan.dead_letter else outcome.code,
                 dead_lettered=plan.dead_letter,
-                model=None if routing is None else routing.get("model"),
-                endpoint=None if routing is None else routing.get("endpoint"),
+                model=None if routing is None else routing.model,
+                endpoint=None if routing is None else routing.endpoint,
                 tenant=None if job is None else job.tenant,
                 attempts=outcome.attempts,
-                queue_s=seconds(routing, "queue_ms"),
-                total_s=seconds(routing, "total_ms"),
+                queue_s=None if routing is None else seconds(routing.queue_ms),
+                total_s=None if routing is None else seconds(routing.total_ms),
                 duplicate=outcome.duplicate,
             )
         )

@@ -1,4 +1,5 @@
-"""What serving one delivery came to: the reply to send and how it ended.
+"""What serving one delivery came to: the reply to send, how it ended and
+the routing facts (:class:`RoutingRecord`) the reply explains.
 
 An :class:`Outcome` is data: the delivery shell (``workers/deliveries.py``)
 turns it into a reply, a dead letter and an ack through the core's
@@ -7,13 +8,40 @@ turns it into a reply, a dead letter and an ack through the core's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from schemas.codec import Job, encode_reply, error_body
 from schemas.errors import ErrorCode
 
-__all__ = ["Outcome", "failure", "seconds"]
+__all__ = ["Outcome", "RoutingRecord", "failure", "seconds"]
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingRecord:
+    """How the worker served a job, as far as it got: the reply's ``routing``.
+
+    Unknown facts stay None and are left out of the reply (a job refused
+    before routing says only how long it queued).
+    """
+
+    queue_ms: float | None = None
+    model: str | None = None
+    endpoint: str | None = None
+    attempts: int | None = None
+    hedged: bool | None = None
+    upstream_ms: float | None = None
+    total_ms: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cost_usd: float | None = None
+
+    def wire(self) -> dict[str, Any]:
+        """The reply's ``routing`` object: the known facts."""
+        return {name: value for name in _FIELDS if (value := getattr(self, name)) is not None}
+
+
+_FIELDS = tuple(f.name for f in fields(RoutingRecord))
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +52,7 @@ class Outcome:
     message: str = ""
     attempts: int = 0
     job: Job | None = None
-    routing: dict[str, Any] | None = None
+    routing: RoutingRecord | None = None
     duplicate: bool = False
     reply_to: str | None = None
     """Where the reply may go: the job's ``reply_to`` once admitted, else None."""
@@ -34,18 +62,18 @@ def failure(
     job_id: str | None,
     code: ErrorCode,
     message: str,
-    routing: dict[str, Any] | None = None,
+    routing: RoutingRecord | None = None,
     attempts: int = 0,
     job: Job | None = None,
     reply_to: str | None = None,
 ) -> Outcome:
     """An error outcome; its reply goes to the job's ``reply_to`` or to ``reply_to``."""
-    body = encode_reply(job_id, error=error_body(code, message), routing=routing)
+    wire = None if routing is None else routing.wire()
+    body = encode_reply(job_id, error=error_body(code, message), routing=wire)
     to = job.reply_to if job is not None else reply_to
     return Outcome(job_id, body, code, message, attempts, job, routing, reply_to=to)
 
 
-def seconds(routing: dict[str, Any] | None, key: str) -> float | None:
-    """A ``*_ms`` figure of the routing facts in seconds (None when absent)."""
-    value = None if routing is None else routing.get(key)
-    return None if value is None else value / 1000
+def seconds(ms: float | None) -> float | None:
+    """A ``*_ms`` figure in seconds (None when unknown)."""
+    return None if ms is None else ms / 1000

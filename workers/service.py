@@ -28,37 +28,20 @@ from schemas.settings import ConfigError, ModelSettings, Settings
 from schemas.topology import plan
 from workers.attempts import Dispatcher, Failed, Served
 from workers.deliveries import Deliveries, WorkerStats
-from workers.events import ObservedRetryBudget, Spent
+from workers.events import ObservedRetryBudget
 from workers.intake import Intake
-from workers.outcome import Outcome, failure
+from workers.outcome import Outcome, RoutingRecord, failure
 from workers.preflight import preflight
 from workers.routing import EndpointSpec, Router, RoutingConfig
 from workers.routing.admission import Admission, ModelLimits
-from workers.routing.pricing import estimate_usd, prompt_tokens_bound
-from workers.routing.spend import NULL_HOLD, Hold
+from workers.spend_gate import SpendGate
 from workers.telemetry import Telemetry
+from workers.tracing import traced
 from workers.upstream import Target, Upstream, make_upstream
 
 __all__ = ["Worker", "WorkerStats"]
 
 log = logging.getLogger("llmq.worker")
-
-
-def worst_prices(settings: Settings) -> dict[str, tuple[float, float]]:
-    """Per canonical model, the highest (input, output) USD per million tokens among
-    the endpoints that may serve it, fallbacks included: what a hard cap reserves."""
-    prices: dict[str, tuple[float, float]] = {}
-    for endpoint in settings.endpoints:
-        for model in endpoint.models:
-            pin, pout = endpoint.price(model)
-            old = prices.get(model, (0.0, 0.0))
-            prices[model] = (max(old[0], pin), max(old[1], pout))
-    worst = dict(prices)
-    for model, spec in settings.models.items():
-        for fallback in spec.fallbacks:
-            a, b = worst.get(model, (0.0, 0.0)), prices.get(fallback, (0.0, 0.0))
-            worst[model] = (max(a[0], b[0]), max(a[1], b[1]))
-    return worst
 
 
 def admission(settings: Settings) -> Admission:
@@ -125,7 +108,12 @@ class Worker:
         )
         budget.hook = self.telemetry.hook
         self.admission = admission(settings)
-        self._worst_price = worst_prices(settings)
+        self.spend = SpendGate(
+            settings,
+            self.telemetry.spend_limits,
+            default_max_tokens=config.default_max_tokens,
+            hook=self.telemetry.hook,
+        )
         self._hedge = {k: c.hedge for k, c in settings.topology.classes.items()}
         self.deliveries = Deliveries(
             Intake(
@@ -134,7 +122,9 @@ class Worker:
                 max_body_bytes=w.max_body_bytes,
                 max_sla_ms=w.max_sla_ms,
             ),
-            self._serve_job,
+            self._route
+            if not self.telemetry.tracer.enabled
+            else traced(self.telemetry.tracer, self._route),
             name=self.name,
             dead_exchange=settings.topology.dead_exchange,
             delivery_limit=settings.topology.delivery_limit,
@@ -233,126 +223,76 @@ class Worker:
             await self._upstream.aclose()
         log.info("worker %s stopped: %r", self.name, self)
 
-    async def _serve_job(self, job: Job, now_ms: int) -> Outcome:
-        if self.telemetry.tracer.enabled:
-            return await self._traced(job, now_ms)
-        return await self._route(job, now_ms)
-
-    async def _traced(self, job: Job, now_ms: int) -> Outcome:
-        """``_route`` inside an OpenTelemetry span (only when tracing is configured)."""
-        span = self.telemetry.tracer.start(job)
-        outcome: Outcome | None = None
-        try:
-            outcome = await self._route(replace(job, traceparent=span.traceparent), now_ms)
-            return outcome
-        finally:
-            if outcome is None:
-                span.end(code="cancelled", model=None, endpoint=None, attempts=0)
-            else:
-                routing = outcome.routing or {}
-                span.end(
-                    code=None if outcome.code is None else outcome.code.value,
-                    model=routing.get("model"),
-                    endpoint=routing.get("endpoint"),
-                    attempts=outcome.attempts,
-                )
-
     async def _route(self, job: Job, now_ms: int) -> Outcome:
-        routing: dict[str, Any] = {"queue_ms": max(0, now_ms - job.published_ms)}
+        """The deadline, the model, its limits, the spend gate, then the dispatcher."""
+        queue_ms = max(0, now_ms - job.published_ms)
         if now_ms >= job.deadline_ms:
+            why = "deadline passed while queued"
             return failure(
-                job.job_id,
-                ErrorCode.DEADLINE_EXCEEDED,
-                "deadline passed while queued",
-                routing,
-                0,
-                job,
+                job.job_id, ErrorCode.DEADLINE_EXCEEDED, why, RoutingRecord(queue_ms), job=job
             )
         model = self.router.resolve(job.model)
         if model is None:
+            why = f"no endpoint serves model {job.model[:100]!r}"
             return failure(
-                job.job_id,
-                ErrorCode.UNKNOWN_MODEL,
-                f"no endpoint serves model {job.model[:100]!r}",
-                routing,
-                0,
-                job,
+                job.job_id, ErrorCode.UNKNOWN_MODEL, why, RoutingRecord(queue_ms), job=job
             )
-        routing["model"] = model
+        record = RoutingRecord(queue_ms, model)
         too_much = self.admission.limit(model, job.output_cap, job.n)
         if too_much is not None:
-            return failure(job.job_id, ErrorCode.INVALID_REQUEST, too_much, routing, 0, job)
+            return failure(job.job_id, ErrorCode.INVALID_REQUEST, too_much, record, job=job)
         if job.output_cap is None:
             cap = self.admission.output_cap(model, None)
             if cap is not None:  # the model's limit holds for jobs that did not say
                 job = replace(job, body={**job.body, "max_completion_tokens": cap}, output_cap=cap)
-        budgets = self.telemetry.spend_limits
-        # A hard cap holds under concurrency: the job's worst case is reserved
-        # before any call, and this is the hold's one owner (settled or released).
-        hold = budgets.reserve(model, job.tenant, self._worst_case_usd(job, model))
+        hold = self.spend.before(job, model)
         if isinstance(hold, str):
-            return failure(job.job_id, ErrorCode.OVER_BUDGET, hold, routing, 0, job)
-        try:
+            return failure(job.job_id, ErrorCode.OVER_BUDGET, hold, record, job=job)
+        try:  # this is the hold's one owner: charged on success, released always
             assert self._dispatcher is not None
-            mono = time.monotonic()
-            deadline = mono + (job.deadline_ms - now_ms) / 1000
-            result = await self._dispatcher.run(
-                job, model, deadline=deadline, hedge=self._hedge.get(job.sla_class, False)
-            )
-            routing["total_ms"] = round((time.time() * 1000) - job.published_ms, 3)
+            deadline = time.monotonic() + (job.deadline_ms - now_ms) / 1000
+            hedge = self._hedge.get(job.sla_class, False)
+            result = await self._dispatcher.run(job, model, deadline=deadline, hedge=hedge)
+            total_ms = round((time.time() * 1000) - job.published_ms, 3)
             if isinstance(result, Failed):
-                routing.update(
-                    model=result.model or model,
-                    endpoint=result.endpoint,
-                    attempts=result.attempts,
-                    hedged=result.hedged,
+                record = RoutingRecord(
+                    queue_ms,
+                    result.model or model,
+                    result.endpoint,
+                    result.attempts,
+                    result.hedged,
+                    total_ms=total_ms,
                 )
                 return failure(
-                    job.job_id, result.code, result.message, routing, result.attempts, job
+                    job.job_id, result.code, result.message, record, result.attempts, job
                 )
-            return self._success(job, result, routing, hold)
+            cost = self.spend.after(hold, job, result)
+            return self._answer(job, result, queue_ms, total_ms, cost)
         finally:
-            budgets.release(hold)  # a no-op once settled
+            self.spend.release(hold)
 
-    def _worst_case_usd(self, job: Job, model: str) -> float:
-        """What the job can cost at most: its body as prompt, ``n`` full completions,
-        at the dearest endpoint of the model or its fallbacks."""
-        if not self.telemetry.spend_limits.enabled:
-            return 0.0
-        price_in, price_out = self._worst_price.get(model, (0.0, 0.0))
-        cap = job.output_cap or self.router.config.default_max_tokens
-        return estimate_usd(prompt_tokens_bound(job.body_bytes), cap, price_in, price_out, job.n)
-
-    def _success(
-        self, job: Job, served: Served, routing: dict[str, Any], hold: Hold = NULL_HOLD
+    def _answer(
+        self, job: Job, served: Served, queue_ms: float, total_ms: float, cost: float | None
     ) -> Outcome:
-        usage_in, usage_out = served.reply.prompt_tokens, served.reply.completion_tokens
-        cost = None
-        if usage_in is not None and usage_out is not None:
-            price_in, price_out = self._endpoints[served.endpoint].price(served.model)
-            cost = round((usage_in * price_in + usage_out * price_out) / 1e6, 8)
-        # Paid now, whatever happens to the reply: budgets and cost count it here.
-        self.telemetry.spend_limits.settle(hold, cost, model=served.model)
-        self.telemetry.hook(
-            Spent(served.model, served.endpoint, job.tenant, usage_in, usage_out, cost)
-        )
-        routing.update(
-            model=served.model,
-            endpoint=served.endpoint,
-            attempts=served.attempts,
-            hedged=served.hedged,
+        record = RoutingRecord(
+            queue_ms,
+            served.model,
+            served.endpoint,
+            served.attempts,
+            served.hedged,
             upstream_ms=round(served.upstream_ms, 3),
-            prompt_tokens=usage_in,
-            completion_tokens=usage_out,
+            total_ms=total_ms,
+            prompt_tokens=served.reply.prompt_tokens,
+            completion_tokens=served.reply.completion_tokens,
             cost_usd=cost,
         )
-        body = encode_reply(job.job_id, response=served.reply.body, routing=routing)
+        body = encode_reply(job.job_id, response=served.reply.body, routing=record.wire())
         return Outcome(
             job.job_id,
             body,
             attempts=served.attempts,
             job=job,
-            routing=routing,
+            routing=record,
             reply_to=job.reply_to,
         )
 

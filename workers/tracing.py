@@ -17,11 +17,17 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, Protocol
 
 from schemas.codec import Job
+from workers.outcome import Outcome
 
-__all__ = ["NOOP_TRACER", "JobSpan", "Tracer", "make_tracer"]
+__all__ = ["NOOP_TRACER", "JobSpan", "Route", "Tracer", "make_tracer", "traced"]
+
+Route = Callable[[Job, int], Awaitable[Outcome]]
+"""Serve an admitted job (``now_ms`` given): the worker's routing half."""
 
 log = logging.getLogger("llmq.worker")
 
@@ -145,3 +151,27 @@ def make_tracer(service_name: str = "llmq-worker") -> Tracer:
         )
         return NOOP_TRACER
     return _OtelTracer(modules, service_name)  # pragma: no cover - optional packages
+
+
+def traced(tracer: Tracer, route: Route) -> Route:
+    """``route`` inside one span per job, which the upstream call and reply carry on."""
+
+    async def run(job: Job, now_ms: int) -> Outcome:
+        span = tracer.start(job)
+        outcome: Outcome | None = None
+        try:
+            outcome = await route(replace(job, traceparent=span.traceparent), now_ms)
+            return outcome
+        finally:
+            if outcome is None:
+                span.end(code="cancelled", model=None, endpoint=None, attempts=0)
+            else:
+                routing = outcome.routing
+                span.end(
+                    code=None if outcome.code is None else outcome.code.value,
+                    model=None if routing is None else routing.model,
+                    endpoint=None if routing is None else routing.endpoint,
+                    attempts=outcome.attempts,
+                )
+
+    return run

@@ -64,6 +64,7 @@ class Publisher:
         routing_key: str,
         timeout_s: float = 30,
         retry_lost: bool = True,
+        bound_confirm: bool = True,
     ) -> None:
         """Publish with ``mandatory``; raises :class:`Returned`, :class:`Refused` (a nack)
         or :class:`BrokerFailure`.
@@ -73,7 +74,10 @@ class Publisher:
         ``timeout_s``: the answer is already paid for, and requeueing the job
         instead would spend its delivery limit in a tight loop. With
         ``retry_lost=False`` a lost connection fails at once (a tool whose
-        connection does not come back).
+        connection does not come back). ``bound_confirm=False`` waits for
+        the confirm without a timer of its own (a timer per publish costs a
+        producer publishing thousands a second ~15 % of its rate; the
+        connection's heartbeat still ends a dead wait).
         """
         give_up = time.monotonic() + timeout_s
         while True:
@@ -91,7 +95,7 @@ class Publisher:
                     routing_key=routing_key,
                     properties=message.properties,
                     mandatory=True,
-                    timeout=timeout_s,
+                    timeout=timeout_s if bound_confirm else None,
                     wait=False,
                 )
                 return
