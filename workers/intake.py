@@ -26,10 +26,30 @@ from schemas.broker.frames import undecodable
 from schemas.broker.ports import Incoming
 from schemas.codec import Delivery, Job, Rejected, decode_job
 from schemas.errors import ErrorCode
+from schemas.settings import ModelSettings, Settings
 from workers.outcome import Outcome, failure
-from workers.routing.admission import Admission
+from workers.routing.admission import Admission, ModelLimits
 
-__all__ = ["Intake", "fingerprint"]
+__all__ = ["Intake", "admission", "fingerprint"]
+
+
+def admission(settings: Settings) -> Admission:
+    """The worker's intake rules, from its settings."""
+    topo = settings.topology
+    tenancy = settings.tenancy
+    return Admission(
+        reply_queues=settings.worker.reply_queues,
+        own_queues=(topo.dead_queue, *(topo.queue_name(c) for c in topo.classes)),
+        own_prefixes=(topo.queue_prefix, f"{topo.state_exchange}."),
+        users=tenancy.users,
+        trust_header_from=tenancy.trust_header_from,
+        default_tenant=tenancy.default,
+        limits={
+            name: ModelLimits(m.max_output_tokens, m.max_n)
+            for name in settings.served_models()
+            for m in [settings.models.get(name) or ModelSettings()]
+        },
+    )
 
 
 class Intake:

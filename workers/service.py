@@ -24,16 +24,16 @@ from schemas.broker.connection import connect
 from schemas.broker.publisher import Publisher
 from schemas.codec import Job, encode_reply
 from schemas.errors import ErrorCode
-from schemas.settings import ConfigError, ModelSettings, Settings
+from schemas.settings import ConfigError, Settings
 from schemas.topology import plan
 from workers.attempts import Dispatcher, Failed, Served
 from workers.deliveries import Deliveries, WorkerStats
 from workers.events import ObservedRetryBudget
-from workers.intake import Intake
+from workers.gossip import Gossip
+from workers.intake import Intake, admission
 from workers.outcome import Outcome, RoutingRecord, failure
 from workers.preflight import preflight
 from workers.routing import EndpointSpec, Router, RoutingConfig
-from workers.routing.admission import Admission, ModelLimits
 from workers.spend_gate import SpendGate
 from workers.telemetry import Telemetry
 from workers.tracing import traced
@@ -42,25 +42,6 @@ from workers.upstream import Target, Upstream, make_upstream
 __all__ = ["Worker", "WorkerStats"]
 
 log = logging.getLogger("llmq.worker")
-
-
-def admission(settings: Settings) -> Admission:
-    """The worker's intake rules, from its settings."""
-    topo = settings.topology
-    tenancy = settings.tenancy
-    return Admission(
-        reply_queues=settings.worker.reply_queues,
-        own_queues=(topo.dead_queue, *(topo.queue_name(c) for c in topo.classes)),
-        own_prefixes=(topo.queue_prefix, f"{topo.state_exchange}."),
-        users=tenancy.users,
-        trust_header_from=tenancy.trust_header_from,
-        default_tenant=tenancy.default,
-        limits={
-            name: ModelLimits(m.max_output_tokens, m.max_n)
-            for name in settings.served_models()
-            for m in [settings.models.get(name) or ModelSettings()]
-        },
-    )
 
 
 class Worker:
@@ -108,6 +89,15 @@ class Worker:
         )
         budget.hook = self.telemetry.hook
         self.admission = admission(settings)
+        self.gossip = Gossip(
+            exchange=settings.topology.state_exchange,
+            interval_s=w.state_interval_s,
+            book=self.telemetry.book,
+            router=self.router,
+            spend_limits=self.telemetry.spend_limits,
+            status=self.status,
+        )
+        self.telemetry.peers = self.gossip.peer_count
         self.spend = SpendGate(
             settings,
             self.telemetry.spend_limits,
@@ -183,7 +173,8 @@ class Worker:
             rand=random.random,
             hook=self.telemetry.hook,
         )
-        await self.telemetry.start(self._publish_conn, self._consume_conn, ready=self._ready)
+        await self.telemetry.start(ready=self._ready)
+        await self.gossip.start(self._publish_conn, self._consume_conn)
         topo = self.settings.topology
         for sla_class in sorted(topo.classes):
             # One channel per queue: a channel error requeues only that queue's jobs.
@@ -214,6 +205,7 @@ class Worker:
                 await queue.cancel(tag)
         self._consumers.clear()
         await self.deliveries.drain(grace)
+        await self.gossip.stop()
         await self.telemetry.stop()
         for conn in (self._consume_conn, self._publish_conn):
             if conn is not None:
@@ -323,5 +315,5 @@ class Worker:
             "broker": broker,
             "consumers": len(self._consumers),
             "stopping": self._stopping,
-            "state_shared": self.telemetry.sharing,
+            "state_shared": self.gossip.sharing,
         }

@@ -1,11 +1,10 @@
-"""Everything the worker shows and shares, assembled in one place.
+"""What the worker shows: events, metrics, traces and health, assembled in one place.
 
 The worker hands its events to ``Telemetry.hook`` (log lines, Prometheus
-series, the recent-errors window of the state message) and asks
-``Telemetry.spend_limits`` before and after each upstream call. ``start`` opens the
-HTTP endpoint (``/metrics``, ``/healthz``, ``/readyz``) and the state gossip;
-both are optional extras: when the port is taken or the state exchange is
-missing the worker logs it and keeps routing jobs.
+series, the recent-errors window of the state message, spend alerts).
+``start`` opens the HTTP endpoint (``/metrics``, ``/healthz``, ``/readyz``),
+an optional extra: when the port is taken the worker logs it and keeps
+routing jobs. Sharing state with peers is ``workers/gossip.py``'s.
 """
 
 from __future__ import annotations
@@ -16,8 +15,6 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from aio_pika.abc import AbstractRobustConnection
-
 from schemas.exposition import MetricsServer, new_registry
 from schemas.settings import Settings
 from workers.events import Hook, Hooks
@@ -25,7 +22,7 @@ from workers.job_log import LogHook
 from workers.metrics import LoopMonitor, Sources, WorkerMetrics, configured_tenants, register_state
 from workers.routing import RetryBudget, Router
 from workers.spend_limits import SpendLimits
-from workers.state import StateBook, StateGossip
+from workers.state import StateBook
 from workers.tracing import Tracer, make_tracer
 
 __all__ = ["Telemetry"]
@@ -39,7 +36,7 @@ Check = Callable[[], tuple[bool, dict[str, Any]]]
 
 
 class Telemetry:
-    """Metrics, logs, traces, budgets and state gossip of one worker."""
+    """Metrics, logs, traces and health of one worker."""
 
     def __init__(
         self,
@@ -66,14 +63,8 @@ class Telemetry:
         self.spend_limits = SpendLimits(settings.budgets, origin=self.origin, hook=self.hook)
         self.tracer: Tracer = make_tracer()
         self.loop = LoopMonitor()
-        self.gossip = StateGossip(
-            exchange=settings.topology.state_exchange,
-            origin=self.origin,
-            interval_s=settings.worker.state_interval_s,
-            build=self.state,
-            heard=self.heard,
-        )
-        self.sharing = False
+        self.peers: Callable[[], int] = lambda: 0
+        """Live peers (the worker points this at its gossip)."""
         register_state(
             self.registry,
             Sources(
@@ -81,21 +72,15 @@ class Telemetry:
                 counters=status,
                 retry_balance=lambda: retry_budget.balance(time.monotonic()),
                 spend_limits=self.spend_limits.view,
-                peers=self.gossip.peer_count,
+                peers=lambda: self.peers(),
                 loop_lag=lambda: self.loop.lag_s,
             ),
         )
         self.server: MetricsServer | None = None
         self.port: int | None = None
 
-    async def start(
-        self,
-        publish: AbstractRobustConnection,
-        consume: AbstractRobustConnection,
-        *,
-        ready: Check,
-    ) -> None:
-        """Open the HTTP endpoint and join the state exchange."""
+    async def start(self, *, ready: Check) -> None:
+        """Open the HTTP endpoint."""
         self.loop.start()
         cfg = self.settings.metrics
         if cfg.enabled:
@@ -111,10 +96,8 @@ class Telemetry:
                     cfg.port,
                     exc.strerror or exc,
                 )
-        self.sharing = await self.gossip.start(publish, consume)
 
     async def stop(self) -> None:
-        await self.gossip.stop()
         if self.server is not None:
             await self.server.stop()
             self.server = None
@@ -129,25 +112,3 @@ class Telemetry:
             "status": "ok" if ok else "event loop stalled",
             "loop_lag_s": round(self.loop.lag_s, 4),
         }
-
-    # --- state gossip ------------------------------------------------------------
-
-    def state(self, full: bool) -> dict[str, Any]:
-        """This worker's state message."""
-        now = time.monotonic()
-        return self.book.build(
-            statuses=self.router.snapshot(now=now),
-            status=self._status(),
-            now=now,
-            interval_s=self.gossip.interval_s,
-            spend=self.spend_limits.payload(full=full),
-        )
-
-    def heard(self, state: dict[str, Any]) -> None:
-        """A peer's state: hold its ejections here too, fold in its spend."""
-        now = time.monotonic()
-        for endpoint, seconds in self.book.remote_ejections(state, now=now):
-            self.router.observe_remote(endpoint, ejected_for_s=seconds, now=now)
-        spend = state.get("spend")
-        if isinstance(spend, dict):
-            self.spend_limits.heard(spend)

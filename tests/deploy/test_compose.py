@@ -157,7 +157,7 @@ def test_workers_believe_the_tenant_header_of_the_gateway_and_operator_only(
     """The gateway takes tenants from API keys and a replay keeps a dead letter's:
     their users' tenant headers are believed, and no other user's (llmq-producer
     is shared by services, any of which could otherwise claim any tenant)."""
-    from workers.service import admission
+    from workers.intake import admission
 
     def user(service: str) -> str | None:
         return urlsplit(default_of(services[service]["environment"]["LLMQ_BROKER__URL"])).username

@@ -172,7 +172,7 @@ def test_workers_believe_the_tenant_header_of_the_gateway_and_operator_only(
 ) -> None:
     """The gateway pods log in as a user of their own, and that user's and the
     operator's tenant headers are the only ones the workers believe."""
-    from workers.service import admission
+    from workers.intake import admission
 
     secret = manifests[("Secret", "llmq-secrets")]["stringData"]
     gateway = next(

@@ -24,9 +24,8 @@ from schemas.codec import Job, encode_reply
 from schemas.settings import Settings, load_settings
 from workers.deliveries import Deliveries
 from workers.events import Event, JobDone
-from workers.intake import Intake
+from workers.intake import Intake, admission
 from workers.outcome import Outcome
-from workers.service import admission
 
 REPLY = "llmq.reply.caller"
 DEAD = "dead"
