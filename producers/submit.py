@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
@@ -38,6 +38,9 @@ from producers.quantiles import nearest_rank
 from schemas.broker.connection import open_connection
 from schemas.contract import SCHEMA_VERSION, SlaClass
 from schemas.settings import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from producers.client import LlmqClient
 
 __all__ = ["SubmitError", "SubmitSummary", "read_jobs", "run_submit", "submit_command"]
 
@@ -228,70 +231,21 @@ async def run_submit(
         if not reply_to:
             raise SubmitError("without --wait, --reply-to must name the queue for the replies")
         await _check_reply_queue(settings, reply_to)
-    prefix = id_prefix or f"submit-{uuid.uuid4().hex[:8]}-"
-    summary = SubmitSummary(total=total)
-    pending = asyncio.Semaphore(max_pending)
-    paused_until = 0.0
-    stop: str | None = None
-    interval = 1 / rate if rate else 0.0
-    report = on_result or (lambda *_: None)
-    started = time.monotonic()
-
-    def settle(line: int, job_id: str, record: dict[str, Any]) -> None:
-        report(line, job_id, record)
-        if on_progress is not None:
-            on_progress(summary)
-
-    async def one(client: LlmqClient, line: int, body: dict[str, Any]) -> None:
-        nonlocal paused_until, stop
-        job_id = f"{prefix}{line}"
-        options: dict[str, Any] = {"job_id": job_id, "sla_class": sla_class, "sla_ms": sla_ms}
-        if tenant:
-            options["tenant"] = tenant
-        for attempt in range(backpressure_tries):
-            try:
-                if wait:
-                    t0 = time.monotonic()
-                    try:
-                        reply = await client.call(body, **options)
-                    except DeadlineExceeded as exc:
-                        summary.submitted += 1
-                        summary.errors["no_reply"] = summary.errors.get("no_reply", 0) + 1
-                        settle(line, job_id, _failure(job_id, "no_reply", str(exc), retriable=True))
-                        return
-                    summary.submitted += 1
-                    summary.latencies_ms.append((time.monotonic() - t0) * 1000)
-                    if reply.get("status") == "ok":
-                        summary.ok += 1
-                    else:
-                        code = str((reply.get("error") or {}).get("code", "?"))
-                        summary.errors[code] = summary.errors.get(code, 0) + 1
-                    settle(line, job_id, reply)
-                else:
-                    await client.submit(body, reply_to=reply_to, **options)
-                    summary.submitted += 1
-                    settle(line, job_id, {"job_id": job_id, "line": line, "status": "submitted"})
-                return
-            except Backpressure:
-                # The queue is full: hold back every new job too, then resend this one.
-                summary.backpressure += 1
-                delay = min(5.0, backpressure_base_s * 2**attempt) * random.uniform(0.5, 1.0)
-                paused_until = max(paused_until, time.monotonic() + delay)
-                if attempt + 1 < backpressure_tries:
-                    await asyncio.sleep(delay)
-            except Unroutable as exc:
-                stop = f"unroutable: {exc}"
-                _not_sent(line, job_id, "unroutable", str(exc))
-                return
-            except PublishFailed as exc:
-                _not_sent(line, job_id, "publish_failed", str(exc))
-                return
-        _not_sent(line, job_id, "backpressure", "the queue stayed full")
-
-    def _not_sent(line: int, job_id: str, reason: str, message: str) -> None:
-        summary.not_submitted[reason] = summary.not_submitted.get(reason, 0) + 1
-        settle(line, job_id, _failure(job_id, reason, message, retriable=reason != "unroutable"))
-
+    run = _Submission(
+        prefix=id_prefix or f"submit-{uuid.uuid4().hex[:8]}-",
+        summary=SubmitSummary(total=total),
+        options={
+            "sla_class": sla_class,
+            "sla_ms": sla_ms,
+            **({"tenant": tenant} if tenant else {}),
+        },
+        wait=wait,
+        reply_to=reply_to,
+        on_result=on_result or (lambda *_: None),
+        on_progress=on_progress,
+        backpressure_tries=backpressure_tries,
+        backpressure_base_s=backpressure_base_s,
+    )
     default_sla = settings.topology.classes[sla_class].default_sla_ms
     async with LlmqClient(
         settings.broker.url.get_secret_value(),
@@ -299,26 +253,125 @@ async def run_submit(
         default_sla_ms=default_sla,
     ) as client:
         if on_progress is not None:
-            on_progress(summary)  # connected and checked: show the bar from the start
+            on_progress(run.summary)  # connected and checked: show the bar from the start
+        await run.all(client, jobs, interval=1 / rate if rate else 0.0, max_pending=max_pending)
+    run.summary.elapsed_s = time.monotonic() - run.started
+    return run.summary
+
+
+class _Submission:
+    """One ``run_submit``: its jobs in flight, its pause after backpressure, its tally."""
+
+    def __init__(
+        self,
+        *,
+        prefix: str,
+        summary: SubmitSummary,
+        options: dict[str, Any],
+        wait: bool,
+        reply_to: str | None,
+        on_result: Callable[[int, str, dict[str, Any]], None],
+        on_progress: Callable[[SubmitSummary], None] | None,
+        backpressure_tries: int,
+        backpressure_base_s: float,
+    ) -> None:
+        self.prefix = prefix
+        self.summary = summary
+        self.options = options
+        self.wait = wait
+        self.reply_to = reply_to
+        self.on_result = on_result
+        self.on_progress = on_progress
+        self.tries = backpressure_tries
+        self.base_s = backpressure_base_s
+        self.paused_until = 0.0
+        self.stop: str | None = None
+        self.started = time.monotonic()
+
+    async def all(
+        self,
+        client: LlmqClient,
+        jobs: Iterator[tuple[int, dict[str, Any]]],
+        *,
+        interval: float,
+        max_pending: int,
+    ) -> None:
+        pending = asyncio.Semaphore(max_pending)
         tasks: set[asyncio.Task[None]] = set()
         for i, (line, body) in enumerate(jobs):
-            if stop is not None:
-                _not_sent(line, f"{prefix}{line}", "unroutable", stop)
+            if self.stop is not None:
+                self.not_sent(line, f"{self.prefix}{line}", "unroutable", self.stop)
                 continue
             await pending.acquire()
             # Even spacing from the start (not from the last job), so a slow
             # publish does not lower the rate; a backpressure pause comes first.
-            delay = max(started + i * interval, paused_until) - time.monotonic()
+            delay = max(self.started + i * interval, self.paused_until) - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            task = asyncio.create_task(one(client, line, body))
+            task = asyncio.create_task(self.one(client, line, body))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             task.add_done_callback(lambda _: pending.release())
         if tasks:
             await asyncio.gather(*tasks)
-    summary.elapsed_s = time.monotonic() - started
-    return summary
+
+    def settle(self, line: int, job_id: str, record: dict[str, Any]) -> None:
+        self.on_result(line, job_id, record)
+        if self.on_progress is not None:
+            self.on_progress(self.summary)
+
+    def not_sent(self, line: int, job_id: str, reason: str, message: str) -> None:
+        self.summary.not_submitted[reason] = self.summary.not_submitted.get(reason, 0) + 1
+        record = _failure(job_id, reason, message, retriable=reason != "unroutable")
+        self.settle(line, job_id, record)
+
+    async def one(self, client: LlmqClient, line: int, body: dict[str, Any]) -> None:
+        job_id = f"{self.prefix}{line}"
+        for attempt in range(self.tries):
+            try:
+                if self.wait:
+                    await self._call(client, line, job_id, body)
+                else:
+                    await client.submit(body, reply_to=self.reply_to, job_id=job_id, **self.options)
+                    self.summary.submitted += 1
+                    self.settle(
+                        line, job_id, {"job_id": job_id, "line": line, "status": "submitted"}
+                    )
+                return
+            except Backpressure:
+                # The queue is full: hold back every new job too, then resend this one.
+                self.summary.backpressure += 1
+                delay = min(5.0, self.base_s * 2**attempt) * random.uniform(0.5, 1.0)
+                self.paused_until = max(self.paused_until, time.monotonic() + delay)
+                if attempt + 1 < self.tries:
+                    await asyncio.sleep(delay)
+            except Unroutable as exc:
+                self.stop = f"unroutable: {exc}"
+                self.not_sent(line, job_id, "unroutable", str(exc))
+                return
+            except PublishFailed as exc:
+                self.not_sent(line, job_id, "publish_failed", str(exc))
+                return
+        self.not_sent(line, job_id, "backpressure", "the queue stayed full")
+
+    async def _call(self, client: LlmqClient, line: int, job_id: str, body: dict[str, Any]) -> None:
+        summary = self.summary
+        t0 = time.monotonic()
+        try:
+            reply = await client.call(body, job_id=job_id, **self.options)
+        except DeadlineExceeded as exc:
+            summary.submitted += 1
+            summary.errors["no_reply"] = summary.errors.get("no_reply", 0) + 1
+            self.settle(line, job_id, _failure(job_id, "no_reply", str(exc), retriable=True))
+            return
+        summary.submitted += 1
+        summary.latencies_ms.append((time.monotonic() - t0) * 1000)
+        if reply.get("status") == "ok":
+            summary.ok += 1
+        else:
+            code = str((reply.get("error") or {}).get("code", "?"))
+            summary.errors[code] = summary.errors.get(code, 0) + 1
+        self.settle(line, job_id, reply)
 
 
 def _print_summary(summary: SubmitSummary, console: Any, *, wait: bool) -> None:

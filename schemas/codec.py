@@ -131,59 +131,24 @@ def decode_job(
     def reject(code: ErrorCode, message: str) -> Rejected:
         return Rejected(code, message, job_id, correlation_id, reply_to)
 
-    if delivery.message_id is None:
-        return reject(ErrorCode.INVALID_REQUEST, "message_id (the job id) is missing")
-    if job_id is None:
-        return reject(ErrorCode.INVALID_REQUEST, "message_id is not a valid job id")
-    if delivery.correlation_id is not None and not _is_id(delivery.correlation_id):
-        return reject(ErrorCode.INVALID_REQUEST, "correlation_id is not a valid id")
-    if delivery.reply_to is not None and reply_to is None:
-        return reject(ErrorCode.INVALID_REQUEST, "reply_to is not a valid queue name")
-    if len(delivery.body) > max_body_bytes:
-        return reject(
-            ErrorCode.PAYLOAD_TOO_LARGE,
-            f"body is {len(delivery.body)} bytes, the limit is {max_body_bytes}",
-        )
-    if delivery.content_type not in (None, "", CONTENT_TYPE):
-        return reject(
-            ErrorCode.INVALID_REQUEST,
-            f"content_type must be {CONTENT_TYPE}, not {delivery.content_type[:64]!r}",
-        )
-    if delivery.content_encoding not in (None, "", "identity", "utf-8"):
-        return reject(ErrorCode.INVALID_REQUEST, "content_encoding is not supported")
-    if delivery.routing_key not in default_sla_ms:
-        return reject(ErrorCode.INVALID_REQUEST, f"unknown SLA class {delivery.routing_key[:64]!r}")
-
+    problem = _envelope_problem(delivery, reply_to, default_sla_ms, max_body_bytes)
+    if problem is not None:
+        return reject(*problem)
+    assert job_id is not None  # _envelope_problem checked it
     try:
         h = _Headers.parse(delivery.headers)
     except ValueError as exc:
         return reject(ErrorCode.INVALID_REQUEST, str(exc))
-
-    try:
-        raw = orjson.loads(delivery.body)
-    except orjson.JSONDecodeError:
-        return reject(ErrorCode.INVALID_REQUEST, "body is not valid UTF-8 JSON")
-    if not isinstance(raw, dict):
-        return reject(ErrorCode.INVALID_REQUEST, "body must be a JSON object")
-    try:
-        # The body is forwarded as JSON again: orjson reads 1,024 levels of
-        # nesting but writes only 255, so a body can parse and still be unsendable.
-        orjson.dumps(raw)
-    except orjson.JSONEncodeError as exc:
-        return reject(ErrorCode.INVALID_REQUEST, f"body cannot be forwarded: {exc}")
-    try:
-        request = ChatRequest.model_validate(raw)
-    except ValidationError as exc:
-        return reject(ErrorCode.INVALID_REQUEST, describe_validation_error(exc))
-
+    body = _read_body(delivery.body)
+    if isinstance(body, str):
+        return reject(ErrorCode.INVALID_REQUEST, body)
+    raw, request = body
     model = h.model or request.model
     if model is None:
         return reject(ErrorCode.INVALID_REQUEST, "no model: set the body's model or the header")
-
     n = raw.get("n", 1)
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 128:
         return reject(ErrorCode.INVALID_REQUEST, "n must be an integer from 1 to 128")
-
     claimed = h.published_ms or delivery.timestamp_ms or now_ms
     if claimed > now_ms + CLOCK_SKEW_MS:
         return reject(
@@ -216,6 +181,55 @@ def decode_job(
         n=n,
         body_bytes=len(delivery.body),
     )
+
+
+def _envelope_problem(
+    delivery: Delivery,
+    reply_to: str | None,
+    default_sla_ms: Mapping[str, int],
+    max_body_bytes: int,
+) -> tuple[ErrorCode, str] | None:
+    """What is wrong with the delivery's properties and size, before the body is read."""
+    if delivery.message_id is None:
+        return ErrorCode.INVALID_REQUEST, "message_id (the job id) is missing"
+    if not _is_id(delivery.message_id):
+        return ErrorCode.INVALID_REQUEST, "message_id is not a valid job id"
+    if delivery.correlation_id is not None and not _is_id(delivery.correlation_id):
+        return ErrorCode.INVALID_REQUEST, "correlation_id is not a valid id"
+    if delivery.reply_to is not None and reply_to is None:
+        return ErrorCode.INVALID_REQUEST, "reply_to is not a valid queue name"
+    if len(delivery.body) > max_body_bytes:
+        size = len(delivery.body)
+        return ErrorCode.PAYLOAD_TOO_LARGE, f"body is {size} bytes, the limit is {max_body_bytes}"
+    if delivery.content_type not in (None, "", CONTENT_TYPE):
+        wrong = delivery.content_type[:64]
+        return ErrorCode.INVALID_REQUEST, f"content_type must be {CONTENT_TYPE}, not {wrong!r}"
+    if delivery.content_encoding not in (None, "", "identity", "utf-8"):
+        return ErrorCode.INVALID_REQUEST, "content_encoding is not supported"
+    if delivery.routing_key not in default_sla_ms:
+        return ErrorCode.INVALID_REQUEST, f"unknown SLA class {delivery.routing_key[:64]!r}"
+    return None
+
+
+def _read_body(body: bytes) -> tuple[dict[str, Any], ChatRequest] | str:
+    """The body as JSON and as a chat request, or why it is not one."""
+    try:
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return "body is not valid UTF-8 JSON"
+    if not isinstance(raw, dict):
+        return "body must be a JSON object"
+    try:
+        # The body is forwarded as JSON again: orjson reads 1,024 levels of
+        # nesting but writes only 255, so a body can parse and still be unsendable.
+        orjson.dumps(raw)
+    except orjson.JSONEncodeError as exc:
+        return f"body cannot be forwarded: {exc}"
+    try:
+        request = ChatRequest.model_validate(raw)
+    except ValidationError as exc:
+        return describe_validation_error(exc)
+    return raw, request
 
 
 @dataclass(frozen=True, slots=True)
