@@ -230,21 +230,6 @@ async def test_upstream_faults(
             await settle(ledger, timeout=60)
     ledger.check()
     statuses = [rs[0]["status"] for rs in ledger.replies.values()]
-    import collections
-
-    print(
-        "DEBUG",
-        collections.Counter(
-            (
-                rs[0]["routing"].get("endpoint"),
-                rs[0]["routing"].get("attempts"),
-                rs[0]["routing"].get("hedged"),
-                (rs[0]["error"] or {}).get("message", "")[:90],
-            )
-            for rs in ledger.replies.values()
-        ),
-        fleet.stats()["faulty"].requests,
-    )
     if fault in ("drip", "no_usage") or not alone:
         assert statuses.count("ok") >= 95, ledger.summary()
 
