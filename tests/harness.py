@@ -249,3 +249,24 @@ class Ledger:
             + sum(n - 1 for n in self.dead.values()),
             "lost": len(self.lost),
         }
+
+
+@asynccontextmanager
+async def started(
+    settings: Settings,
+    connection: aio_pika.abc.AbstractConnection,
+    *,
+    name: str = "test-worker",
+    **kw: Any,
+) -> AsyncIterator[tuple[Any, Caller]]:
+    """A worker of ``settings`` in this process and a caller on ``connection``."""
+    from workers.service import Worker
+
+    worker = Worker(settings, name=name, **kw)
+    await worker.start()
+    caller = Caller(connection, settings)
+    await caller.start()
+    try:
+        yield worker, caller
+    finally:
+        await worker.stop(grace_s=5)

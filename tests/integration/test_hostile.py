@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import aio_pika
 import orjson
 import pytest
 from harness import Caller, chat, running_fleet
+from harness import started as started_worker
 
 from producers.client import LlmqClient
 from schemas.settings import ConfigError, Settings
@@ -25,18 +26,7 @@ from workers.service import Worker
 pytestmark = pytest.mark.rabbitmq
 
 
-@asynccontextmanager
-async def started(
-    settings: Settings, connection: aio_pika.abc.AbstractConnection
-) -> AsyncIterator[tuple[Worker, Caller]]:
-    worker = Worker(settings, name="hostile-worker")
-    await worker.start()
-    caller = Caller(connection, settings)
-    await caller.start()
-    try:
-        yield worker, caller
-    finally:
-        await worker.stop(grace_s=5)
+started = partial(started_worker, name="hostile-worker")
 
 
 def deep(levels: int) -> bytes:

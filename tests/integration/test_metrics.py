@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import Callable
+from functools import partial
 
 import aio_pika
 import orjson
 import pytest
 from harness import Caller, chat, running_fleet
+from harness import started as started_worker
 from ops_helpers import eventually, get, priced, value
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -55,18 +55,7 @@ WORKER_FAMILIES = {
 }
 
 
-@asynccontextmanager
-async def started(
-    settings: Settings, connection: aio_pika.abc.AbstractConnection, **kw: Any
-) -> AsyncIterator[tuple[Worker, Caller]]:
-    worker = Worker(settings, name=kw.pop("name", "metrics-worker"), **kw)
-    await worker.start()
-    caller = Caller(connection, settings)
-    await caller.start()
-    try:
-        yield worker, caller
-    finally:
-        await worker.stop(grace_s=5)
+started = partial(started_worker, name="metrics-worker")
 
 
 async def test_metrics_show_every_family_after_jobs(

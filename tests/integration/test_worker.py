@@ -4,34 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from typing import Any
 
 import aio_pika
 import orjson
 import pytest
-from harness import Caller, chat, running_fleet
+from harness import chat, running_fleet, started
 
 from schemas.settings import Settings
 from workers.routing import RoutingConfig
-from workers.service import Worker
 
 pytestmark = pytest.mark.rabbitmq
-
-
-@asynccontextmanager
-async def started(
-    settings: Settings, connection: aio_pika.abc.AbstractConnection, **kw: Any
-) -> AsyncIterator[tuple[Worker, Caller]]:
-    worker = Worker(settings, name="test-worker", **kw)
-    await worker.start()
-    caller = Caller(connection, settings)
-    await caller.start()
-    try:
-        yield worker, caller
-    finally:
-        await worker.stop(grace_s=5)
 
 
 def requests(stats: dict[str, Any], name: str) -> int:
