@@ -19,8 +19,9 @@ from schemas.exposition import MetricsServer, new_registry
 from schemas.settings import Settings
 from workers.events import Hook, Hooks
 from workers.job_log import LogHook
-from workers.metrics import LoopMonitor, Sources, WorkerMetrics, configured_tenants, register_state
+from workers.metrics import WorkerMetrics, configured_tenants
 from workers.routing import RetryBudget, Router
+from workers.scrape import LoopMonitor, Sources, register_state
 from workers.spend_limits import SpendLimits
 from workers.state import StateBook
 from workers.tracing import Tracer, make_tracer

@@ -31,8 +31,9 @@ from workers.events import (
     Spent,
 )
 from workers.job_log import LogHook
-from workers.metrics import Sources, WorkerMetrics, configured_tenants, register_state
+from workers.metrics import WorkerMetrics, configured_tenants
 from workers.routing import EndpointSpec, FailureKind, Router, RoutingConfig, Work
+from workers.scrape import Sources, register_state
 from workers.spend_limits import SpendLimits, month_of
 from workers.state import STATE_VERSION, StateBook, decode_state
 from workers.tracing import NOOP_TRACER, make_tracer

@@ -141,7 +141,7 @@ class SpendLedger:
         self._holds: set[Hold] = set()
         """Holds in flight; not reset with the month (the calls are still running)."""
         self._reserved: dict[str, list[float]] = {}
-        """SpendLimit key → [USD reserved in flight, number of holds]: the count lets the
+        """Spend-limit key → [USD reserved in flight, number of holds]: the count lets the
         sum return to exactly 0 when the last hold goes, whatever the float error."""
 
     def __repr__(self) -> str:
