@@ -27,6 +27,7 @@ from workers.routing import (
     RetryBudget,
     Router,
     Step,
+    TryNow,
     Wait,
     Work,
     next_step,
@@ -132,27 +133,15 @@ class Dispatcher:
                         return self._served(reply, choice, started, progress)
                 else:
                     running.append(self._start(choice, job, work, deadline))
-                    hedge_at = running[-1].started + delay
-                    done = await self._race(running, model, work, deadline, progress, hedge_at)
-                    if isinstance(done, Choice):  # the hedge timer fired and the core agreed
-                        progress = replace(progress.attempted(done.endpoint), hedged=True)
-                        self._hook(Hedged(done.endpoint))
-                        running.append(self._start(done, job, work, deadline))
-                        done = await self._race(running, model, work, deadline, progress, None)
-                    assert isinstance(done, _Running)
+                    done, progress = await self._raced(
+                        running, job, model, work, deadline, progress, delay
+                    )
                     error = done.task.exception()
                     if error is None:
                         return self._served(done.task.result(), done.choice, done.started, progress)
                     assert isinstance(error, UpstreamFailure)
                     failure, last = error, done.choice
-                progress = after_failure(
-                    progress, retry_after_s=failure.retry_after_s, now=self._clock()
-                )
-                step = self._next(progress, failure, model, work)
-                while isinstance(step, Wait):
-                    await asyncio.sleep(step.delay_s)
-                    progress = progress.waited()
-                    step = self._next(progress, failure, model, work)
+                step, progress = await self._decided(progress, failure, model, work)
                 if isinstance(step, GiveUp):
                     return Failed(
                         step.code,
@@ -166,6 +155,41 @@ class Dispatcher:
                 self._hook(Retried(choice.endpoint, failure.kind.value))
         finally:
             await _cancel_all(running)
+
+    async def _raced(
+        self,
+        running: list[_Running],
+        job: Job,
+        model: str,
+        work: Work,
+        deadline: float,
+        progress: Progress,
+        delay: float,
+    ) -> tuple[_Running, Progress]:
+        """Race the first attempt (``running[-1]``) against its hedge timer; a
+        hedge joins when the timer fires and the core agrees. The first
+        success, or the last to fail."""
+        hedge_at = running[-1].started + delay
+        done = await self._race(running, model, work, deadline, progress, hedge_at)
+        if isinstance(done, Choice):  # the hedge timer fired and the core agreed
+            progress = replace(progress.attempted(done.endpoint), hedged=True)
+            self._hook(Hedged(done.endpoint))
+            running.append(self._start(done, job, work, deadline))
+            done = await self._race(running, model, work, deadline, progress, None)
+        assert isinstance(done, _Running)
+        return done, progress
+
+    async def _decided(
+        self, progress: Progress, failure: UpstreamFailure, model: str, work: Work
+    ) -> tuple[TryNow | GiveUp, Progress]:
+        """The core's next step after ``failure``, its waits carried out."""
+        progress = after_failure(progress, retry_after_s=failure.retry_after_s, now=self._clock())
+        step = self._next(progress, failure, model, work)
+        while isinstance(step, Wait):
+            await asyncio.sleep(step.delay_s)
+            progress = progress.waited()
+            step = self._next(progress, failure, model, work)
+        return step, progress
 
     def _served(
         self, reply: UpstreamReply, choice: Choice, started: float, progress: Progress

@@ -68,6 +68,17 @@ class Intake:
         self._max_body = max_body_bytes
         self._max_sla = max_sla_ms
 
+    @classmethod
+    def from_settings(cls, settings: Settings, rules: Admission) -> Intake:
+        """The intake of a worker with ``settings``."""
+        classes = settings.topology.classes
+        return cls(
+            rules,
+            default_sla_ms={k: c.default_sla_ms for k, c in classes.items()},
+            max_body_bytes=settings.worker.max_body_bytes,
+            max_sla_ms=settings.worker.max_sla_ms,
+        )
+
     def admit(self, message: Incoming, now_ms: int) -> Job | Outcome:
         unreadable = undecodable(message.headers)
         if unreadable is not None:

@@ -36,12 +36,24 @@ from workers.preflight import preflight
 from workers.routing import EndpointSpec, Router, RoutingConfig
 from workers.spend_gate import SpendGate
 from workers.telemetry import Telemetry
-from workers.tracing import traced
+from workers.tracing import Route, traced
 from workers.upstream import Target, Upstream, make_upstream
 
 __all__ = ["Worker", "WorkerStats"]
 
 log = logging.getLogger("llmq.worker")
+
+
+def routing_config(settings: Settings) -> RoutingConfig:
+    """The routing core's configuration from the worker's settings."""
+    w = settings.worker
+    return RoutingConfig(
+        max_attempts=w.max_attempts,
+        budget_ratio=w.retry_budget_ratio,
+        budget_min_per_s=w.retry_budget_min_per_s,
+        deadline_margin_s=w.deadline_margin_ms / 1000,
+        eject_base_s=w.eject_base_s,
+    )
 
 
 class Worker:
@@ -62,14 +74,7 @@ class Worker:
         self._declare = declare_topology
         self._upstream = upstream
         self._endpoints = {e.name: e for e in settings.endpoints}
-        w = settings.worker
-        config = routing or RoutingConfig(
-            max_attempts=w.max_attempts,
-            budget_ratio=w.retry_budget_ratio,
-            budget_min_per_s=w.retry_budget_min_per_s,
-            deadline_margin_s=w.deadline_margin_ms / 1000,
-            eject_base_s=w.eject_base_s,
-        )
+        config = routing or routing_config(settings)
         self.router = Router(
             [EndpointSpec.from_settings(e) for e in settings.endpoints],
             settings.models,
@@ -91,7 +96,7 @@ class Worker:
         self.admission = admission(settings)
         self.gossip = Gossip(
             exchange=settings.topology.state_exchange,
-            interval_s=w.state_interval_s,
+            interval_s=settings.worker.state_interval_s,
             book=self.telemetry.book,
             router=self.router,
             spend_limits=self.telemetry.spend_limits,
@@ -105,16 +110,12 @@ class Worker:
             hook=self.telemetry.hook,
         )
         self._hedge = {k: c.hedge for k, c in settings.topology.classes.items()}
+        route: Route = self._route
+        if self.telemetry.tracer.enabled:
+            route = traced(self.telemetry.tracer, route)
         self.deliveries = Deliveries(
-            Intake(
-                self.admission,
-                default_sla_ms={k: c.default_sla_ms for k, c in settings.topology.classes.items()},
-                max_body_bytes=w.max_body_bytes,
-                max_sla_ms=w.max_sla_ms,
-            ),
-            self._route
-            if not self.telemetry.tracer.enabled
-            else traced(self.telemetry.tracer, self._route),
+            Intake.from_settings(settings, self.admission),
+            route,
             name=self.name,
             dead_exchange=settings.topology.dead_exchange,
             delivery_limit=settings.topology.delivery_limit,
