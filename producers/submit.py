@@ -481,6 +481,54 @@ def submit_command(
         raise click.UsageError(
             "without --wait, name the (existing) queue for the replies with --reply-to"
         )
+    total, jobs = _command_jobs(model, messages, prompt, system, max_tokens, temperature, file_)
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False)
+    sink = out.open("wb") if out is not None else None
+    on_result = _result_writer(sink, single=file_ is None and not wait)
+    on_progress, bar = _progress_bar(console, total=total, wait=wait, quiet=quiet)
+    quiet_exit = _QuietClientExit()
+    logging.getLogger("aiormq.channel").addFilter(quiet_exit)
+    try:
+        try:
+            run = run_submit(
+                settings, jobs, total=total, sla_class=sla_class, sla_ms=sla_ms, rate=rate,
+                wait=wait, reply_to=reply_to, tenant=tenant, id_prefix=id_prefix,
+                on_result=on_result, on_progress=on_progress,
+            )  # fmt: skip
+            summary = asyncio.run(run)
+        finally:
+            bar.stop()
+    except SubmitError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot reach the broker: {type(exc).__name__}") from None
+    finally:
+        logging.getLogger("aiormq.channel").removeFilter(quiet_exit)
+        if sink is not None:
+            sink.close()
+    if not quiet:
+        _print_summary(summary, console, wait=wait)
+    if summary.not_submitted or (wait and summary.ok < summary.total):
+        sys.exit(1)
+
+
+def _command_jobs(
+    model: str | None,
+    messages: tuple[str, ...],
+    prompt: str | None,
+    system: str | None,
+    max_tokens: int | None,
+    temperature: float | None,
+    file_: Path | None,
+) -> tuple[int, Iterator[tuple[int, dict[str, Any]]]]:
+    """The jobs ``llmq submit`` was given: one from the options, or a JSONL file's."""
     defaults: dict[str, Any] = {}
     if max_tokens is not None:
         defaults["max_tokens"] = max_tokens
@@ -495,32 +543,19 @@ def submit_command(
             total, reader = read_jobs(file_, defaults)
         except SubmitError as exc:
             raise click.ClickException(str(exc)) from None
-        jobs = reader()
-    else:
-        if not model or not (messages or prompt):
-            raise click.UsageError("give --model and --message (or --prompt), or --file")
-        chat = [{"role": "system", "content": system}] if system else []
-        chat += [{"role": "user", "content": m} for m in (*messages, *([prompt] if prompt else []))]
-        total, jobs = 1, iter([(1, {"model": model, "messages": chat, **defaults})])
-    try:
-        settings = load_settings(config)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+        return total, reader()
+    if not model or not (messages or prompt):
+        raise click.UsageError("give --model and --message (or --prompt), or --file")
+    chat = [{"role": "system", "content": system}] if system else []
+    chat += [{"role": "user", "content": m} for m in (*messages, *([prompt] if prompt else []))]
+    return 1, iter([(1, {"model": model, "messages": chat, **defaults})])
 
-    from rich.console import Console
+
+def _progress_bar(
+    console: Any, *, total: int, wait: bool, quiet: bool
+) -> tuple[Callable[[SubmitSummary], None], Any]:
+    """A progress bar on stderr and the callback that moves it."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    console = Console(stderr=True, highlight=False)
-    sink = out.open("wb") if out is not None else None
-    single = file_ is None and not wait
-
-    def on_result(line: int, job_id: str, record: dict[str, Any]) -> None:
-        if sink is not None:
-            sink.write(orjson.dumps(record) + b"\n")
-        elif single and record.get("status") == "submitted":
-            click.echo(job_id)
-        else:
-            click.echo(orjson.dumps(record).decode())
 
     bar = Progress(
         "[progress.description]{task.description}",
@@ -542,37 +577,18 @@ def submit_command(
             bar.start()  # only now: checks that fail first print no empty bar
         bar.update(task, completed=done, description=("answered" if wait else "submitted") + note)
 
-    quiet_exit = _QuietClientExit()
-    logging.getLogger("aiormq.channel").addFilter(quiet_exit)
-    try:
-        try:
-            summary = asyncio.run(
-                run_submit(
-                    settings,
-                    jobs,
-                    total=total,
-                    sla_class=sla_class,
-                    sla_ms=sla_ms,
-                    rate=rate,
-                    wait=wait,
-                    reply_to=reply_to,
-                    tenant=tenant,
-                    id_prefix=id_prefix,
-                    on_result=on_result,
-                    on_progress=on_progress,
-                )
-            )
-        finally:
-            bar.stop()
-    except SubmitError as exc:
-        raise click.ClickException(str(exc)) from None
-    except OSError as exc:
-        raise click.ClickException(f"cannot reach the broker: {type(exc).__name__}") from None
-    finally:
-        logging.getLogger("aiormq.channel").removeFilter(quiet_exit)
+    return on_progress, bar
+
+
+def _result_writer(sink: Any, *, single: bool) -> Callable[[int, str, dict[str, Any]], None]:
+    """One JSON line per job to ``sink`` (or stdout); a single submitted job: its id."""
+
+    def on_result(line: int, job_id: str, record: dict[str, Any]) -> None:
         if sink is not None:
-            sink.close()
-    if not quiet:
-        _print_summary(summary, console, wait=wait)
-    if summary.not_submitted or (wait and summary.ok < summary.total):
-        sys.exit(1)
+            sink.write(orjson.dumps(record) + b"\n")
+        elif single and record.get("status") == "submitted":
+            click.echo(job_id)
+        else:
+            click.echo(orjson.dumps(record).decode())
+
+    return on_result
