@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import struct
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import aio_pika
 import orjson
 import pytest
 from click.testing import CliRunner
-from harness import Caller, chat, running_fleet
+from harness import chat, running_fleet, started
 from rawamqp import (
     RawPublisher,
     entry,
@@ -80,18 +80,7 @@ UNDECODABLE: dict[str, dict[str, bytes]] = {
 }
 
 
-@asynccontextmanager
-async def serving(
-    settings: Settings, connection: aio_pika.abc.AbstractConnection
-) -> AsyncIterator[tuple[Worker, Caller]]:
-    worker = Worker(settings, name="undecodable-test-worker")
-    await worker.start()
-    caller = Caller(connection, settings)
-    await caller.start()
-    try:
-        yield worker, caller
-    finally:
-        await worker.stop(grace_s=5)
+serving = partial(started, name="undecodable-test-worker")
 
 
 def slow_fleet() -> Any:
