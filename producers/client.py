@@ -82,10 +82,13 @@ class LlmqClient:
         # A name of our own (not server-named) so a reconnect re-declares the same
         # queue; not exclusive and not auto-delete, so it outlives a dropped
         # connection and keeps the replies published meanwhile. The broker deletes
-        # it once it has been unused for _REPLY_QUEUE_EXPIRES_MS.
+        # it once it has been unused for _REPLY_QUEUE_EXPIRES_MS. Durable: RabbitMQ
+        # 4.3 refuses transient queues that are not exclusive (the deprecated
+        # feature transient_nonexcl_queues), and a durable one also outlives a
+        # broker restart.
         self._reply = await self._channel.declare_queue(
             self.reply_queue,
-            durable=False,
+            durable=True,
             arguments={"x-expires": _REPLY_QUEUE_EXPIRES_MS},
         )
         self._reply_tag = await self._reply.consume(self._on_reply, no_ack=True)

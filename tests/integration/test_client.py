@@ -162,3 +162,23 @@ async def test_publish_cut_by_a_reconnect_is_sent_again(
     assert worker.stats.reconnects >= 1
     # Redeliveries of jobs still in flight joined them: one upstream call each.
     assert sum(s.requests for s in fleet.stats().values()) == 300
+
+
+async def test_the_reply_queue_is_legal_on_rabbitmq_4_3_and_expires(
+    make_settings: Callable[..., Settings],
+    vhost: str,
+    rabbitmqctl: Callable[..., Any],
+) -> None:
+    """RabbitMQ 4.3 refuses a transient queue that is not exclusive: the client's
+    reply queue is durable (it must outlive a dropped connection, so not exclusive)
+    and expires once unused."""
+    async with running_fleet({"name": "a", "models": ["m1"]}) as fleet:
+        settings = make_settings(fleet)
+        async with client_for(settings) as client:
+            listed = rabbitmqctl(
+                "list_queues", "-p", vhost, "name", "durable", "exclusive", "arguments"
+            )
+            rows = [r.split("\t") for r in listed.stdout.splitlines()]
+            [row] = [r for r in rows if r[0] == client.reply_queue]
+    assert row[1:3] == ["true", "false"]
+    assert "x-expires" in row[3]
