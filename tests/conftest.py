@@ -8,7 +8,8 @@ quorum queue and the Debian node's limit is 927: the whole suite's queues
 kept to the end (some 300) exhaust it, and the node then accepts TCP but
 answers nothing. Without a broker the broker tests skip locally and fail in
 CI (CI=true), where a skip would hide a gap; a broker that stops answering
-mid-run ends the run at once instead of timing out every later test.
+mid-run ends the run at the next test connection or module (within ~30 s)
+instead of timing out every later test.
 """
 
 from __future__ import annotations

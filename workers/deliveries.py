@@ -45,9 +45,8 @@ from schemas.errors import ErrorCode
 from workers.amqp import dead_letter_message, minimal_dead_letter, reply_message
 from workers.events import Event, JobDone
 from workers.intake import Intake, fingerprint
-from workers.outcome import Outcome, failure, seconds
+from workers.outcome import Outcome, Route, failure, seconds
 from workers.routing import Disposition, disposition
-from workers.tracing import Route
 
 __all__ = ["Deliveries", "WorkerStats"]
 

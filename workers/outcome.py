@@ -8,13 +8,14 @@ turns it into a reply, a dead letter and an ack through the core's
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
 from schemas.codec import Job, encode_reply, error_body
 from schemas.errors import ErrorCode
 
-__all__ = ["Outcome", "RoutingRecord", "failure", "seconds"]
+__all__ = ["Outcome", "Route", "RoutingRecord", "failure", "seconds"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,10 @@ class Outcome:
     duplicate: bool = False
     reply_to: str | None = None
     """Where the reply may go: the job's ``reply_to`` once admitted, else None."""
+
+
+Route = Callable[[Job, int], Awaitable[Outcome]]
+"""Serve an admitted job (``now_ms`` given): the worker's routing half."""
 
 
 def failure(

@@ -31,12 +31,12 @@ from workers.deliveries import Deliveries, WorkerStats
 from workers.events import ObservedRetryBudget
 from workers.gossip import Gossip
 from workers.intake import Intake, admission
-from workers.outcome import Outcome, RoutingRecord, failure
+from workers.outcome import Outcome, Route, RoutingRecord, failure
 from workers.preflight import preflight
 from workers.routing import EndpointSpec, Router, RoutingConfig
 from workers.spend_gate import SpendGate
 from workers.telemetry import Telemetry
-from workers.tracing import Route, traced
+from workers.tracing import traced
 from workers.upstream import Target, Upstream, make_upstream
 
 __all__ = ["Worker", "WorkerStats"]

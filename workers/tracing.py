@@ -17,17 +17,14 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any, Protocol
 
 from schemas.codec import Job
-from workers.outcome import Outcome
+from workers.outcome import Outcome, Route
 
 __all__ = ["NOOP_TRACER", "JobSpan", "Route", "Tracer", "make_tracer", "traced"]
 
-Route = Callable[[Job, int], Awaitable[Outcome]]
-"""Serve an admitted job (``now_ms`` given): the worker's routing half."""
 
 log = logging.getLogger("llmq.worker")
 

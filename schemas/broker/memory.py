@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import deque
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -79,7 +78,6 @@ class MemoryBroker:
         self.queues: dict[str, deque[MemoryMessage]] = {}
         self.max_length: dict[str, int] = {}
         self.bindings: dict[tuple[str, str], list[str]] = {}
-        self.published: list[tuple[str, str, Outgoing]] = []
         self._faults: deque[BrokerFailure] = deque()
 
     def declare(self, queue: str, *, max_length: int | None = None) -> None:
@@ -112,7 +110,6 @@ class MemoryBroker:
             limit = self.max_length.get(queue)
             if limit is not None and len(self.queues[queue]) >= limit:
                 raise Refused(f"queue {queue} is full")
-        self.published.append((exchange, routing_key, message))
         for queue in targets:
             self.queues[queue].append(self._incoming(message, queue, routing_key))
 
@@ -163,9 +160,6 @@ class MemoryBroker:
 
     def bodies(self, queue: str) -> list[bytes]:
         return [m.body for m in self.queues.get(queue, ())]
-
-    def headers(self, queue: str) -> list[Mapping[str, Any]]:
-        return [m.headers for m in self.queues.get(queue, ())]
 
 
 _PROPERTIES = (
