@@ -21,6 +21,8 @@ from schemas.contract import (
     JOB_ID_RE,
     SCHEMA_VERSION,
     ChatRequest,
+    EmbeddingRequest,
+    JobKind,
     SlaClass,
 )
 from schemas.errors import RETRIABLE, ErrorCode
@@ -92,6 +94,8 @@ class Job:
     """Completions asked for (the body's ``n``): a cost multiplier."""
     body_bytes: int = 0
     """The body's size: a bound on the prompt tokens it can be billed for."""
+    kind: JobKind = JobKind.CHAT
+    """What the body asks for (the ``kind`` header): chat or embedding."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,14 +143,14 @@ def decode_job(
         h = _Headers.parse(delivery.headers)
     except ValueError as exc:
         return reject(ErrorCode.INVALID_REQUEST, str(exc))
-    body = _read_body(delivery.body)
+    body = _read_body(delivery.body, h.kind)
     if isinstance(body, str):
         return reject(ErrorCode.INVALID_REQUEST, body)
     raw, request = body
     model = h.model or request.model
     if model is None:
         return reject(ErrorCode.INVALID_REQUEST, "no model: set the body's model or the header")
-    n = raw.get("n", 1)
+    n = raw.get("n", 1) if h.kind is JobKind.CHAT else 1
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 128:
         return reject(ErrorCode.INVALID_REQUEST, "n must be an integer from 1 to 128")
     claimed = h.published_ms or delivery.timestamp_ms or now_ms
@@ -170,8 +174,12 @@ def decode_job(
         sla_class=delivery.routing_key,
         model=model,
         body=raw,
-        output_cap=request.output_cap(),
-        prompt_chars=_prompt_chars(raw["messages"]),
+        output_cap=request.output_cap() if isinstance(request, ChatRequest) else None,
+        prompt_chars=(
+            _prompt_chars(raw["messages"])
+            if isinstance(request, ChatRequest)
+            else request.input_chars()
+        ),
         published_ms=published,
         deadline_ms=deadline,
         tenant=h.tenant,
@@ -180,6 +188,7 @@ def decode_job(
         user_id=_short_str(delivery.user_id),
         n=n,
         body_bytes=len(delivery.body),
+        kind=h.kind,
     )
 
 
@@ -211,8 +220,10 @@ def _envelope_problem(
     return None
 
 
-def _read_body(body: bytes) -> tuple[dict[str, Any], ChatRequest] | str:
-    """The body as JSON and as a chat request, or why it is not one."""
+def _read_body(
+    body: bytes, kind: JobKind
+) -> tuple[dict[str, Any], ChatRequest | EmbeddingRequest] | str:
+    """The body as JSON and as a request of its kind, or why it is not one."""
     try:
         raw = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -226,7 +237,11 @@ def _read_body(body: bytes) -> tuple[dict[str, Any], ChatRequest] | str:
     except orjson.JSONEncodeError as exc:
         return f"body cannot be forwarded: {exc}"
     try:
-        request = ChatRequest.model_validate(raw)
+        request: ChatRequest | EmbeddingRequest = (
+            ChatRequest.model_validate(raw)
+            if kind is JobKind.CHAT
+            else EmbeddingRequest.model_validate(raw)
+        )
     except ValidationError as exc:
         return describe_validation_error(exc)
     return raw, request
@@ -241,6 +256,7 @@ class _Headers:
     tenant: str | None
     traceparent: str | None
     replay_count: int
+    kind: JobKind
 
     @classmethod
     def parse(cls, headers: Mapping[str, Any]) -> _Headers:
@@ -269,7 +285,18 @@ class _Headers:
             tenant=_str_header(headers, HEADERS.TENANT),
             traceparent=traceparent,
             replay_count=_int_header(headers, HEADERS.REPLAY_COUNT, 0, 1_000_000) or 0,
+            kind=_kind_header(headers),
         )
+
+
+def _kind_header(headers: Mapping[str, Any]) -> JobKind:
+    value = _str_header(headers, HEADERS.KIND)
+    if value is None:
+        return JobKind.CHAT
+    if value not in JobKind._value2member_map_:
+        known = ", ".join(k.value for k in JobKind)
+        raise ValueError(f"header kind must be one of {known}, not {value[:64]!r}")
+    return JobKind(value)
 
 
 def _str_header(headers: Mapping[str, Any], name: str) -> str | None:

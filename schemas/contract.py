@@ -26,6 +26,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "ChatMessage",
     "ChatRequest",
+    "EmbeddingRequest",
+    "JobKind",
     "Reply",
     "ReplyError",
     "Routing",
@@ -51,6 +53,15 @@ class SlaClass(StrEnum):
     BATCH = "batch"
 
 
+class JobKind(StrEnum):
+    """What a job asks for: the ``kind`` header (absent means ``chat``)."""
+
+    CHAT = "chat"
+    """An OpenAI chat-completions request; the reply holds a ``chat.completion``."""
+    EMBEDDING = "embedding"
+    """An OpenAI embeddings request; the reply holds the embeddings ``list``."""
+
+
 class HEADERS:
     """Job header names (AMQP headers table)."""
 
@@ -62,6 +73,8 @@ class HEADERS:
     TRACEPARENT = "traceparent"
     REPLAY_COUNT = "replay-count"
     SCHEMA_VERSION = "schema-version"
+    KIND = "kind"
+    """:class:`JobKind`; absent means ``chat`` (jobs from before it existed)."""
 
 
 class DEAD_HEADERS:
@@ -124,6 +137,42 @@ class ChatRequest(BaseModel):
     def output_cap(self) -> int | None:
         """The most output tokens the caller allows, if it said."""
         return self.max_completion_tokens or self.max_tokens
+
+
+class EmbeddingRequest(BaseModel):
+    """An OpenAI embeddings request body: ``input`` is a string, a list of
+    strings, or token arrays. Unknown fields pass through, as for chat."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str | None = Field(default=None, min_length=1, max_length=256)
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: int | None = Field(default=None, ge=1, le=100_000)
+
+    @field_validator("input")
+    @classmethod
+    def _some_input(cls, value: Any) -> Any:
+        # OpenAI refuses an empty input (and an empty string in a list); so do we,
+        # before an upstream is paid to say so.
+        if value == "" or value == [] or (isinstance(value, list) and "" in value):
+            raise ValueError("must not be empty")
+        if isinstance(value, list) and len(value) > 2048:
+            raise ValueError("at most 2048 inputs per request")
+        return value
+
+    def input_chars(self) -> int:
+        """The size of the input, in characters (a token array counts 4 a token)."""
+        items = self.input if isinstance(self.input, list) else [self.input]
+        total = 0
+        for item in items:
+            if isinstance(item, str):
+                total += len(item)
+            elif isinstance(item, list):
+                total += 4 * len(item)
+            else:
+                total += 4
+        return total
 
 
 class ReplyError(BaseModel):

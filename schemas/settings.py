@@ -134,6 +134,8 @@ class EndpointModel(_Strict):
 
     upstream: str = Field(min_length=1, max_length=256)
     """The model name the endpoint expects."""
+    kind: Literal["chat", "embedding"] = "chat"
+    """What the model does: jobs of this kind (``JobKind``) are routed to it."""
     input_per_mtok: float | None = Field(default=None, ge=0)
     output_per_mtok: float | None = Field(default=None, ge=0)
 
@@ -413,6 +415,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"endpoints.{i}.name: {endpoint.name!r} is used twice")
             seen_names.add(endpoint.name)
         served = {m for e in self.endpoints for m in e.models}
+        kinds: dict[str, str] = {}
+        for i, endpoint in enumerate(self.endpoints):
+            for model, entry in endpoint.models.items():
+                if kinds.setdefault(model, entry.kind) != entry.kind:
+                    raise ValueError(
+                        f"endpoints.{i}.models.{model}.kind: {entry.kind!r}, but another"
+                        f" endpoint serves {model!r} as {kinds[model]!r} (one kind a model)"
+                    )
         seen: dict[str, str] = {}
         for model, spec in self.models.items():
             for alias in spec.aliases:
@@ -425,6 +435,11 @@ class Settings(BaseSettings):
             for fallback in spec.fallbacks:
                 if fallback not in served:
                     raise ValueError(f"models.{model}.fallbacks: no endpoint serves {fallback!r}")
+                if model in kinds and kinds[fallback] != kinds[model]:
+                    raise ValueError(
+                        f"models.{model}.fallbacks: {fallback!r} is a {kinds[fallback]} model,"
+                        f" {model!r} a {kinds[model]} model"
+                    )
         for model in self.budgets.models:
             if self.endpoints and model not in served:
                 raise ValueError(
@@ -439,6 +454,14 @@ class Settings(BaseSettings):
             if model in spec.aliases:
                 return name
         return model
+
+    def model_kind(self, model: str) -> str:
+        """``chat`` or ``embedding``: what a canonical model does (``chat`` if unknown)."""
+        for endpoint in self.endpoints:
+            entry = endpoint.models.get(model)
+            if entry is not None:
+                return entry.kind
+        return "chat"
 
     def served_models(self) -> list[str]:
         """Every canonical model some endpoint serves."""
