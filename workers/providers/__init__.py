@@ -1,0 +1,1 @@
+"""Provider adapters: one module per ``endpoints.N.kind`` (see base.py)."""
