@@ -26,7 +26,7 @@ from schemas.broker.connection import connect
 from schemas.broker.errors import BrokerFailure, Refused, Returned
 from schemas.broker.publisher import Outgoing, Publisher
 from schemas.codec import decode_reply
-from schemas.contract import CONTENT_TYPE, HEADERS, SlaClass
+from schemas.contract import CONTENT_TYPE, HEADERS, JobKind, SlaClass
 
 __all__ = ["LlmqClient", "broker_user"]
 
@@ -132,10 +132,12 @@ class LlmqClient:
         tenant: str | None = None,
         traceparent: str | None = None,
         headers: Mapping[str, Any] | None = None,
+        kind: JobKind | str = JobKind.CHAT,
     ) -> str:
         """Publish one job and return its id once the broker confirmed it.
 
-        ``reply_to`` defaults to this client's reply queue.
+        ``reply_to`` defaults to this client's reply queue; ``kind`` says what
+        the body is (a chat-completions or an embeddings request).
         """
         job_id = job_id or uuid.uuid4().hex
         now_ms = int(time.time() * 1000)
@@ -149,6 +151,8 @@ class LlmqClient:
             h[HEADERS.TENANT] = tenant or self._tenant
         if traceparent is not None:
             h[HEADERS.TRACEPARENT] = traceparent
+        if kind != JobKind.CHAT:
+            h[HEADERS.KIND] = str(kind)
         if headers:
             h.update(headers)
         message = aio_pika.Message(
@@ -231,6 +235,33 @@ class LlmqClient:
             sla_ms=sla_ms,
             sla_class=sla_class,
             tenant=tenant,
+        )
+        if reply["status"] != "ok":
+            raise error_for(reply)
+        response: dict[str, Any] = reply["response"]
+        return response
+
+    async def embed(
+        self,
+        model: str,
+        input: str | list[str] | list[int] | list[list[int]],
+        *,
+        sla_ms: int | None = None,
+        sla_class: str = SlaClass.INTERACTIVE.value,
+        tenant: str | None = None,
+        **params: Any,
+    ) -> dict[str, Any]:
+        """Embed ``input`` through llmq; return the OpenAI embeddings response or raise.
+
+        ``params`` are further fields of the request (``dimensions``,
+        ``encoding_format``...). Raises as :meth:`complete` does.
+        """
+        reply = await self.call(
+            {"model": model, "input": input, **params},
+            sla_ms=sla_ms,
+            sla_class=sla_class,
+            tenant=tenant,
+            kind=JobKind.EMBEDDING,
         )
         if reply["status"] != "ok":
             raise error_for(reply)
