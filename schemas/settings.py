@@ -417,6 +417,13 @@ class Settings(BaseSettings):
         served = {m for e in self.endpoints for m in e.models}
         kinds: dict[str, str] = {}
         for i, endpoint in enumerate(self.endpoints):
+            if len({entry.kind for entry in endpoint.models.values()}) > 1:
+                # Its latency fit and its limits would mix two workloads an
+                # order of magnitude apart: providers limit them apart too.
+                raise ValueError(
+                    f"endpoints.{i}.models: serves chat and embedding models; declare the"
+                    " embedding models on an endpoint of their own (same base_url)"
+                )
             for model, entry in endpoint.models.items():
                 if kinds.setdefault(model, entry.kind) != entry.kind:
                     raise ValueError(

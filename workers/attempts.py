@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 import orjson
 
 from schemas.codec import Job
+from schemas.contract import JobKind
 from schemas.errors import ErrorCode
 from workers.errors import UpstreamFailure
 from workers.events import NOOP, AttemptDone, Hedged, Hook, Retried
@@ -97,7 +98,11 @@ class Dispatcher:
 
     async def run(self, job: Job, model: str, *, deadline: float, hedge: bool) -> Served | Failed:
         """Serve ``job`` (``model`` is canonical) before ``deadline`` (monotonic seconds)."""
-        work = Work(prompt_tokens=max(1, job.prompt_chars // 4), output_tokens=job.output_cap)
+        work = Work(
+            prompt_tokens=max(1, job.prompt_chars // 4),
+            output_tokens=job.output_cap,
+            by_input=job.kind is JobKind.EMBEDDING,
+        )
         self.retry_budget.record_request(self._clock())
         choice = await self._first_choice(model, work, deadline)
         if isinstance(choice, NoChoice):

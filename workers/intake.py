@@ -45,7 +45,7 @@ def admission(settings: Settings) -> Admission:
         trust_header_from=tenancy.trust_header_from,
         default_tenant=tenancy.default,
         limits={
-            name: ModelLimits(m.max_output_tokens, m.max_n)
+            name: ModelLimits(m.max_output_tokens, m.max_n, settings.model_kind(name))
             for name in settings.served_models()
             for m in [settings.models.get(name) or ModelSettings()]
         },

@@ -23,6 +23,7 @@ from aio_pika.abc import AbstractQueue, AbstractRobustConnection
 from schemas.broker.connection import connect
 from schemas.broker.publisher import Publisher
 from schemas.codec import Job, encode_reply
+from schemas.contract import JobKind
 from schemas.errors import ErrorCode
 from schemas.settings import ConfigError, Settings
 from schemas.topology import plan
@@ -231,10 +232,10 @@ class Worker:
                 job.job_id, ErrorCode.UNKNOWN_MODEL, why, RoutingRecord(queue_ms), job=job
             )
         record = RoutingRecord(queue_ms, model)
-        too_much = self.admission.limit(model, job.output_cap, job.n)
+        too_much = self.admission.limit(model, job.output_cap, job.n, job.kind)
         if too_much is not None:
             return failure(job.job_id, ErrorCode.INVALID_REQUEST, too_much, record, job=job)
-        if job.output_cap is None:
+        if job.output_cap is None and job.kind is JobKind.CHAT:
             cap = self.admission.output_cap(model, None)
             if cap is not None:  # the model's limit holds for jobs that did not say
                 job = replace(job, body={**job.body, "max_completion_tokens": cap}, output_cap=cap)

@@ -60,6 +60,12 @@ def job(d: Delivery) -> Job:
     return result
 
 
+def rejected_large(d: Delivery) -> Rejected:
+    result = decode(d, max_body_bytes=1 << 20)
+    assert isinstance(result, Rejected), result
+    return result
+
+
 def rejected(d: Delivery) -> Rejected:
     result = decode(d)
     assert isinstance(result, Rejected), result
@@ -193,7 +199,7 @@ def test_string_headers_accept_bytes() -> None:
 def test_void_headers_are_absent() -> None:
     """A header whose value is AMQP void (None) counts as not set."""
     headers = {value: None for name, value in vars(HEADERS).items() if name.isupper()}
-    assert len(headers) == 8
+    assert len(headers) == 9
     j = job(delivery(headers=headers))
     assert j.deadline_ms == NOW + DEFAULTS["interactive"]
     assert j.model == "gpt-4.1-mini"
@@ -573,3 +579,63 @@ def test_decode_reply_rejects_non_envelopes(raw: bytes) -> None:
     """Anything that is not a reply envelope raises ValueError."""
     with pytest.raises(ValueError):
         decode_reply(raw)
+
+
+# --- job kinds --------------------------------------------------------------
+
+
+def embedding_body(**fields: Any) -> bytes:
+    request: dict[str, Any] = {"model": "text-embedding-3-small", "input": ["a", "bb"]}
+    request.update(fields)
+    return orjson.dumps(request)
+
+
+def test_a_job_without_kind_is_a_chat_job() -> None:
+    assert job(delivery()).kind == "chat"
+
+
+def test_an_embedding_job_is_read_as_an_embeddings_request() -> None:
+    d = job(delivery(body=embedding_body(), headers={HEADERS.KIND: "embedding"}))
+    assert d.kind == "embedding"
+    assert d.model == "text-embedding-3-small"
+    assert d.output_cap is None and d.n == 1
+    assert d.prompt_chars == 3
+
+
+@pytest.mark.parametrize(
+    "request_body",
+    [
+        embedding_body(input=""),
+        embedding_body(input=[]),
+        embedding_body(input=["ok", ""]),
+        embedding_body(input=42),
+        embedding_body(input=["x"] * 2049),
+        embedding_body(dimensions=0),
+        embedding_body(encoding_format="hex"),
+        body(),  # a chat body sent as an embedding job has no input
+    ],
+)
+def test_a_bad_embeddings_request_is_invalid(request_body: bytes) -> None:
+    d = delivery(body=request_body, headers={HEADERS.KIND: "embedding"})
+    r = rejected(d) if len(request_body) <= MAX_BODY else rejected_large(d)
+    assert r.code is ErrorCode.INVALID_REQUEST
+
+
+def test_an_embeddings_body_sent_as_a_chat_job_is_invalid() -> None:
+    r = rejected(delivery(body=embedding_body()))
+    assert r.code is ErrorCode.INVALID_REQUEST
+    assert "messages" in r.message
+
+
+@pytest.mark.parametrize("kind", ["image", "", "Chat", 7, b"\xff"])
+def test_an_unknown_kind_is_invalid(kind: object) -> None:
+    r = rejected(delivery(headers={HEADERS.KIND: kind}))
+    assert r.code is ErrorCode.INVALID_REQUEST
+    assert "kind" in r.message
+
+
+def test_token_arrays_count_four_characters_a_token() -> None:
+    d = job(
+        delivery(body=embedding_body(input=[[1, 2, 3], [4]]), headers={HEADERS.KIND: "embedding"})
+    )
+    assert d.prompt_chars == 16

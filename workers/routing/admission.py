@@ -35,6 +35,9 @@ class ModelLimits:
 
     max_output_tokens: int | None = None
     max_n: int = 8
+    kind: str = "chat"
+    """The jobs the model takes (``chat`` or ``embedding``): a job of the other
+    kind would be sent to an API path that cannot answer it."""
 
 
 def _pattern(globs: Iterable[str]) -> re.Pattern[str]:
@@ -90,11 +93,16 @@ class Admission:
             return self._users[user]
         return self._default
 
-    def limit(self, model: str, output_cap: int | None, n: int) -> str | None:
-        """Why a job asks for more than ``model`` allows, or None."""
+    def limit(self, model: str, output_cap: int | None, n: int, kind: str = "chat") -> str | None:
+        """Why a job asks for more than ``model`` allows, or what ``model`` cannot do; None."""
         limits = self._limits.get(model)
         if limits is None:
             return None
+        if kind != limits.kind:
+            return (
+                f"model {model!r} is a {limits.kind} model, the job is a {kind} job"
+                f" (the job's kind header says which API it calls)"
+            )
         top = limits.max_output_tokens
         if top is not None and output_cap is not None and output_cap > top:
             return f"max_tokens {output_cap} is above the limit of {top} for model {model!r}"

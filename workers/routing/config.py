@@ -38,6 +38,11 @@ class Work:
 
     prompt_tokens: int
     output_tokens: int | None
+    by_input: bool = False
+    """Sized by its input, not its output (an embedding): predictions, timeouts and
+    token reservations count ``prompt_tokens``, and the endpoint's per-token
+    slope is learned per input token. An endpoint serves one kind of model, so
+    its latency fit never mixes the two."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -215,8 +215,9 @@ class Router:
         """The attempt answered: a latency sample, health restored."""
         state = self._state(attempt.endpoint)
         first = state.latency.samples == 0
-        tokens = attempt.tokens if output_tokens is None else float(output_tokens)
-        used = attempt.work.prompt_tokens + tokens
+        by_input = attempt.work.by_input
+        tokens = attempt.tokens if output_tokens is None or by_input else float(output_tokens)
+        used = attempt.work.prompt_tokens + (0.0 if by_input else tokens)
         done = state.succeed(
             attempt.id,
             now,
@@ -229,7 +230,7 @@ class Router:
             return
         if first:
             self.workload.forget_cold()
-        if output_tokens is not None and attempt.model is not None:
+        if output_tokens is not None and attempt.model is not None and not by_input:
             self.workload.observe(attempt.model, tokens)
 
     def fail(
@@ -263,7 +264,7 @@ class Router:
     def attempt_timeout(self, endpoint: str, *, work: Work, remaining_s: float) -> float:
         """How long one attempt may take (see :func:`timeouts.attempt_timeout`)."""
         state = self._state(endpoint)
-        cap = work.output_tokens
+        cap = work.prompt_tokens if work.by_input else work.output_tokens
         return timeouts.attempt_timeout(
             state.latency,
             self.config,

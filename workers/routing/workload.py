@@ -35,6 +35,8 @@ class Workload:
 
     def tokens(self, model: str | None, work: Work) -> float:
         """Output tokens to predict with: the job's cap, but no more than usual."""
+        if work.by_input:
+            return float(work.prompt_tokens)
         cap = work.output_tokens
         seen = self._typical.get(model) if model is not None else None
         if seen is None:
@@ -43,6 +45,8 @@ class Workload:
 
     def reserve(self, work: Work) -> float:
         """Tokens to reserve in a tpm bucket: prompt + the whole output cap (Cerebras)."""
+        if work.by_input:
+            return float(work.prompt_tokens)
         cap = work.output_tokens
         return float(
             work.prompt_tokens + (cap if cap is not None else self._config.default_max_tokens)
