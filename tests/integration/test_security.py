@@ -62,9 +62,9 @@ async def test_upstream_keys_never_leak(
         else caller.replies[j][0]["error"]["code"]
         for j in ids
     }
-    # The failure paths ran. m2's only endpoint refuses our key: that is our
-    # configuration's fault, not the request's, hence no_healthy_endpoint.
-    assert {"ok", "no_healthy_endpoint", "upstream_error"} <= codes
+    # The failure paths ran. m2's only endpoint refuses our key: our configuration
+    # is wrong and retrying cannot help until it is fixed, hence upstream_rejected.
+    assert {"ok", "upstream_rejected", "upstream_error"} <= codes
     assert fleet.stats()["echo"].by_status.get(401, 0) >= 1  # and a 401 echoed the key
 
     emitted: list[str] = []

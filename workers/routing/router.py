@@ -147,6 +147,7 @@ class Router:
         self, chain: Sequence[str], work: Work, now: float, exclude: frozenset[str]
     ) -> NoChoice:
         capacity = on_completion = False
+        configured_wrong = True
         retry_at: float | None = None
         parts: list[str] = []
         need = self.workload.reserve(work)
@@ -154,14 +155,24 @@ class Router:
         # pick() just found every candidate blocked; the filter only satisfies the types.
         for candidate, skip in [(c, Skip(c.skip)) for c in candidates if c.skip is not None]:
             capacity = capacity or skip.capacity
+            configured_wrong = configured_wrong and skip is Skip.UNUSABLE
             on_completion = on_completion or skip in (Skip.BUSY, Skip.COLD_PROBE)
             state = self._states[candidate.name]
             at = state.available_at(skip, candidate.model, now, need)
             if at is not None and (retry_at is None or at < retry_at):
                 retry_at = at
             parts.append(f"{candidate.name}={skip.value}")
-        code = ErrorCode.OVER_CAPACITY if capacity else ErrorCode.NO_HEALTHY_ENDPOINT
         reason = f"no usable endpoint for {'/'.join(chain)}: {', '.join(parts)}"
+        if capacity:
+            code = ErrorCode.OVER_CAPACITY
+        elif configured_wrong and parts:
+            # Every endpoint answered 401/403/404 for the model: llmq's own
+            # configuration is wrong, not the provider down. Retrying will not
+            # help until an operator fixes it, so the caller must not be told to.
+            code = ErrorCode.UPSTREAM_REJECTED
+            reason += " (the upstreams refused llmq's key or model name: check endpoints.*)"
+        else:
+            code = ErrorCode.NO_HEALTHY_ENDPOINT
         return NoChoice(code, reason, retry_at, on_completion)
 
     def explain(self, model: str, *, work: Work, now: float) -> list[Candidate]:

@@ -14,6 +14,7 @@ from workers.routing import (
     EndpointSpec,
     FailureKind,
     GiveUp,
+    NoChoice,
     Progress,
     RetryBudget,
     Step,
@@ -211,11 +212,27 @@ def test_ejected_untried_endpoints_mean_backing_off_for_a_tried_one(make: Make) 
     assert isinstance(retry, TryNow) and retry.choice.endpoint in {"c", "d"}
 
 
-def test_every_endpoint_unusable_gives_up_no_healthy_endpoint(make: Make) -> None:
+@pytest.mark.parametrize("kind", [FailureKind.AUTH, FailureKind.NOT_FOUND])
+def test_every_endpoint_unusable_gives_up_upstream_rejected(make: Make, kind: FailureKind) -> None:
+    """401/403/404 everywhere is llmq's configuration, not an outage: not retriable
+    (issue 16: it used to say no_healthy_endpoint, retriable, and SDKs retried)."""
     h = fleet(make)
-    h.failing("a", FailureKind.AUTH)
-    h.failing("b", FailureKind.AUTH)
-    result = step(h, tried(h, "b"), FailureKind.AUTH)
+    h.failing("a", kind)
+    h.failing("b", kind)
+    result = step(h, tried(h, "b"), kind)
+    assert isinstance(result, GiveUp) and result.code is ErrorCode.UPSTREAM_REJECTED
+    assert "check endpoints" in result.message
+    # Later jobs of the model are refused the same way, before any attempt.
+    later = h.pick()
+    assert isinstance(later, NoChoice) and later.code is ErrorCode.UPSTREAM_REJECTED
+
+
+def test_unusable_and_ejected_endpoints_give_up_no_healthy_endpoint(make: Make) -> None:
+    """One misconfigured endpoint and one in an outage: the outage may end, so retriable."""
+    h = fleet(make)
+    h.failing("a", FailureKind.NOT_FOUND)
+    h.failing("b", count=5)
+    result = step(h, tried(h, "b"))
     assert isinstance(result, GiveUp) and result.code is ErrorCode.NO_HEALTHY_ENDPOINT
 
 
