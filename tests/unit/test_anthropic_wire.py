@@ -148,6 +148,10 @@ def test_headers_need_the_key_and_a_version() -> None:
     bad_key = check_headers({**good, "x-api-key": "other"}, "k")
     assert bad_key is not None and bad_key.status == 401
     assert orjson.loads(bad_key.body)["error"]["type"] == "authentication_error"
+    echoed = check_headers({**good, "x-api-key": "sk-ant-given-1234"}, "k", echo="full")
+    assert echoed is not None and b"sk-ant-given-1234" in echoed.body
+    masked = check_headers({**good, "x-api-key": "sk-ant-given-1234"}, "k", echo="masked")
+    assert masked is not None and b"sk-ant-***1234" in masked.body
     bearer = check_headers({"Authorization": "Bearer k", "anthropic-version": "v"}, "k")
     assert bearer is not None and bearer.status == 401
     no_version = check_headers({"x-api-key": "k"}, "k")

@@ -78,10 +78,18 @@ def _refuse(message: str, status: int = 400) -> Refusal:
     return Refusal(status, error_body(status, message))
 
 
-def check_headers(headers: Mapping[str, str], key: str | None) -> Refusal | None:
-    """The ``x-api-key`` (when the endpoint has a key) and ``anthropic-version``."""
-    if key is not None and headers.get("x-api-key") != key:
-        return _refuse("invalid x-api-key", 401)
+def check_headers(
+    headers: Mapping[str, str], key: str | None, echo: str = "none"
+) -> Refusal | None:
+    """The ``x-api-key`` (when the endpoint has a key) and ``anthropic-version``.
+
+    ``echo`` is what a 401 says of the key it got (the scenario's ``echo_key``):
+    nothing, a masked form, or all of it, like a careless relay."""
+    given = headers.get("x-api-key")
+    if key is not None and given != key:
+        shown = {"full": given, "masked": f"{(given or '')[:7]}***{(given or '')[-4:]}"}
+        said = f": {shown[echo]}" if echo in shown and given else ""
+        return _refuse(f"invalid x-api-key{said}", 401)
     if not headers.get("anthropic-version"):
         return _refuse("anthropic-version: header is required")
     return None
