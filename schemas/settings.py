@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -22,6 +23,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -32,6 +34,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from schemas import endpoint_rules as rules
 from schemas.contract import SlaClass
 
 __all__ = [
@@ -53,6 +56,8 @@ __all__ = [
 ]
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_ENV = r"^[A-Za-z_][A-Za-z0-9_]*$"
+"""An environment variable's name."""
 
 
 class ConfigError(Exception):
@@ -141,13 +146,47 @@ class EndpointModel(_Strict):
 
 
 class EndpointSettings(_Strict):
+    # Field order matters: the validators of later fields read ``kind`` (info.data).
     name: str = Field(pattern=_NAME)
+    kind: Literal["openai", "azure", "anthropic"] = "openai"
+    """The provider's wire format (``workers/providers/``): ``openai`` (OpenAI and
+    every OpenAI-compatible server: vLLM, relays), ``azure`` (Azure OpenAI:
+    deployment URLs, ``api-version``, ``api-key``), ``anthropic`` (the native
+    Messages API)."""
     base_url: str
-    """OpenAI-compatible base URL, up to and including ``/v1``."""
-    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    """Name of the environment variable holding the API key (never the key)."""
+    """openai: the base URL up to and including ``/v1``. azure: the resource root
+    (``https://NAME.openai.azure.com``, optionally ending in ``/openai``), never a
+    deployment URL: the deployment is ``models.X.upstream``. Never a query string
+    (``api_version``, ``query``) nor credentials (``api_key_env``)."""
+    api_key_env: str | None = Field(default=None, pattern=_ENV)
+    """Name of the environment variable holding the API key (never the key). Sent
+    as ``Authorization: Bearer`` (openai), ``api-key`` (azure), ``x-api-key`` (anthropic)."""
     api_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
     """Filled from ``api_key_env`` at load time; setting it in the file is refused."""
+    azure_ad_token_env: str | None = Field(default=None, pattern=_ENV)
+    """azure only, instead of ``api_key_env``: the environment variable holding a
+    Microsoft Entra ID access token, sent as ``Authorization: Bearer``. Read once
+    at start-up (tokens expire: restart the worker with a fresh one)."""
+    azure_ad_token: SecretStr | None = Field(default=None, exclude=True, repr=False)
+    """Filled from ``azure_ad_token_env`` at load time; setting it in the file is refused."""
+    api_version: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$", validate_default=True
+    )
+    """azure: required, the ``api-version`` query parameter of every call
+    (``"2024-10-21"``). Refused for kind openai (use ``query``)."""
+    headers: dict[str, str] = Field(default_factory=dict)
+    """Extra headers sent on every call, e.g. ``{ "OpenAI-Organization" = "org-1" }``.
+    Not secret (use ``secret_headers``); cannot replace ``Content-Type`` or the
+    header that carries this kind's key."""
+    secret_headers: dict[str, str] = Field(default_factory=dict)
+    """Header name → environment variable holding its value (never the value),
+    read at load time like ``api_key_env`` and kept out of logs, replies and errors."""
+    secret_header_values: dict[str, SecretStr] = Field(
+        default_factory=dict, exclude=True, repr=False
+    )
+    """Filled from ``secret_headers`` at load time; setting it in the file is refused."""
+    query: dict[str, str] = Field(default_factory=dict)
+    """Extra query parameters on every call's URL (not secret)."""
     models: dict[str, EndpointModel]
     """Canonical model name → how this endpoint serves it (or just its upstream name)."""
     max_concurrency: int = Field(default=64, ge=1, le=100_000)
@@ -161,13 +200,60 @@ class EndpointSettings(_Strict):
 
     @field_validator("base_url")
     @classmethod
-    def _http_url(cls, value: str) -> str:
+    def _http_url(cls, value: str, info: ValidationInfo) -> str:
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an http:// or https:// URL with a host")
         if parts.username or parts.password:
             raise ValueError("must not hold credentials; use api_key_env")
+        rules.check_base_url(value, info.data.get("kind"))
         return value.rstrip("/")
+
+    @field_validator("azure_ad_token_env")
+    @classmethod
+    def _ad_token(cls, value: str | None, info: ValidationInfo) -> str | None:
+        rules.check_ad_token(value, info.data.get("kind"), info.data.get("api_key_env"))
+        return value
+
+    @field_validator("api_version")
+    @classmethod
+    def _api_version(cls, value: str | None, info: ValidationInfo) -> str | None:
+        rules.check_api_version(value, info.data.get("kind"))
+        return value
+
+    @field_validator("headers", "secret_headers", "query", mode="before")
+    @classmethod
+    def _json_table(cls, value: Any) -> Any:
+        # LLMQ_ENDPOINTS__0__HEADERS='{"X-A": "1"}' arrives as a string (see models).
+        if isinstance(value, str) and value.startswith("{"):
+            with contextlib.suppress(orjson.JSONDecodeError):
+                return orjson.loads(value)
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        rules.check_header_names(value, info.data.get("kind"))
+        rules.check_header_values(value)
+        return value
+
+    @field_validator("secret_headers")
+    @classmethod
+    def _secret_headers(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        rules.check_header_names(value, info.data.get("kind"))
+        plain = {h.lower() for h in info.data.get("headers", {})}
+        for name, env in value.items():
+            if name.lower() in plain:
+                raise ValueError(f"{name!r} is also in headers; set it in one of them")
+            if not re.match(_ENV, env):
+                raise ValueError(f"{name}: {env[:64]!r} is not an environment variable name")
+        return value
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        rules.check_query(value, info.data.get("kind"))
+        return value
 
     @field_validator("models", mode="before")
     @classmethod
@@ -185,9 +271,12 @@ class EndpointSettings(_Strict):
 
     @field_validator("models")
     @classmethod
-    def _some_models(cls, value: dict[str, EndpointModel]) -> dict[str, EndpointModel]:
+    def _some_models(
+        cls, value: dict[str, EndpointModel], info: ValidationInfo
+    ) -> dict[str, EndpointModel]:
         if not value:
             raise ValueError("an endpoint must serve at least one model")
+        rules.check_model_kinds({m: e.kind for m, e in value.items()}, info.data.get("kind"))
         return value
 
     def price(self, model: str) -> tuple[float, float]:
@@ -532,21 +621,31 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
 def _with_keys(settings: Settings, where: str) -> Settings:
     endpoints = []
     for i, endpoint in enumerate(settings.endpoints):
-        if endpoint.api_key is not None:
-            raise ConfigError(
-                f"config error: endpoints.{i}.api_key: keys never go in the config;"
-                f" name an environment variable in api_key_env{where}"
-            )
-        key = None
-        if endpoint.api_key_env:
-            value = os.environ.get(endpoint.api_key_env)
-            if not value:
+        for field, env_field in _ENDPOINT_SECRETS:
+            if getattr(endpoint, field) not in (None, {}):
                 raise ConfigError(
-                    f"config error: endpoints.{i}.api_key_env: environment variable"
-                    f" {endpoint.api_key_env} is not set{where}"
+                    f"config error: endpoints.{i}.{field}: keys never go in the config;"
+                    f" name an environment variable in {env_field}{where}"
                 )
-            key = SecretStr(value)
-        endpoints.append(endpoint.model_copy(update={"api_key": key}))
+        at = f"endpoints.{i}"
+        values = {
+            name: _env_value(env, f"{at}.secret_headers.{name}", where)
+            for name, env in endpoint.secret_headers.items()
+        }
+        for name, value in values.items():
+            if _CONTROL.search(value.get_secret_value()):
+                raise ConfigError(
+                    f"config error: {at}.secret_headers.{name}: the value of"
+                    f" {endpoint.secret_headers[name]} holds CR, LF or control characters{where}"
+                )
+        update = {
+            "api_key": _secret_env(endpoint.api_key_env, f"{at}.api_key_env", where),
+            "azure_ad_token": _secret_env(
+                endpoint.azure_ad_token_env, f"{at}.azure_ad_token_env", where
+            ),
+            "secret_header_values": values,
+        }
+        endpoints.append(endpoint.model_copy(update=update))
     gateway = settings.gateway
     if gateway.api_keys:
         raise ConfigError(
@@ -565,6 +664,27 @@ def _with_keys(settings: Settings, where: str) -> Settings:
     tenant_keys = {t: _keys_in(env) for t, env in gateway.tenants.items()}
     gateway = gateway.model_copy(update={"tenant_keys": tenant_keys})
     return settings.model_copy(update={"endpoints": endpoints, "gateway": gateway})
+
+
+_ENDPOINT_SECRETS = (
+    ("api_key", "api_key_env"),
+    ("azure_ad_token", "azure_ad_token_env"),
+    ("secret_header_values", "secret_headers"),
+)
+"""An endpoint's secrets, each filled from the environment variable its twin names."""
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _secret_env(env: str | None, field: str, where: str) -> SecretStr | None:
+    """The value of environment variable ``env`` (None when no variable is named)."""
+    return None if env is None else _env_value(env, field, where)
+
+
+def _env_value(env: str, field: str, where: str) -> SecretStr:
+    value = os.environ.get(env)
+    if not value:
+        raise ConfigError(f"config error: {field}: environment variable {env} is not set{where}")
+    return SecretStr(value)
 
 
 def _keys_in(env: str) -> tuple[SecretStr, ...]:
