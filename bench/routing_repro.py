@@ -31,10 +31,13 @@ from typing import Any
 
 import uvloop
 
+from schemas.contract import JobKind
+from schemas.settings import EndpointSettings
 from workers.attempts import Dispatcher
 from workers.errors import UpstreamFailure
 from workers.fleet import load_scenario
 from workers.fleet.plan import effective, latency_s
+from workers.providers import Adapter, Call, UpstreamReply, adapter_for
 from workers.routing import (
     EndpointSpec,
     FailureKind,
@@ -43,7 +46,6 @@ from workers.routing import (
     RoutingConfig,
     Work,
 )
-from workers.upstream import Target, UpstreamReply
 
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 
@@ -52,10 +54,16 @@ SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 
 
 class _StuckPrimary:
-    async def complete(
-        self, target: Target, body: bytes, *, timeout_s: float, traceparent: str | None = None
+    async def send(
+        self,
+        adapter: Adapter,
+        kind: JobKind,
+        call: Call,
+        *,
+        timeout_s: float,
+        traceparent: str | None = None,
     ) -> UpstreamReply:
-        delay = 2.0 if target.name == "primary" else 0.1
+        delay = 2.0 if adapter.name == "primary" else 0.1
         if delay > timeout_s:
             await asyncio.sleep(timeout_s)
             raise UpstreamFailure(FailureKind.TIMEOUT, "timeout")
@@ -80,7 +88,10 @@ async def _hedge_trial(job: Any) -> bool:
         router=router,
         budget=RetryBudget.from_config(config),
         upstream=_StuckPrimary(),
-        targets={n: Target(n, "http://127.0.0.1:9", {}, ()) for n in names},
+        adapters={
+            n: adapter_for(EndpointSettings(name=n, base_url="http://127.0.0.1:9", models=["m"]))
+            for n in names
+        },
         max_attempts=3,
         margin_s=0.3,
         clock=time.monotonic,

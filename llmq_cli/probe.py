@@ -1,8 +1,9 @@
 """``llmq probe``: each endpoint's latency baseline, measured directly (not via the broker).
 
 For every configured endpoint (or those named with ``--endpoint``), send
-``--requests`` small chat completions, ``--concurrency`` at a time, with the
-worker's own HTTP adapter and the endpoint's key, and report p50/p95/p99
+``--requests`` small chat completions (embeddings, for an embedding model),
+``--concurrency`` at a time, with the worker's own HTTP transport, the
+endpoint's provider adapter and its key, and report p50/p95/p99
 latency, the error rate (and the failure kinds), and tokens per second.
 Endpoints are probed one after another so they do not slow each other down.
 
@@ -22,9 +23,11 @@ from typing import Any
 import click
 import orjson
 
+from schemas.contract import JobKind
 from schemas.settings import ConfigError, EndpointSettings, Settings, load_settings
 from workers.errors import UpstreamFailure
-from workers.upstream import Target, Upstream, make_upstream, require_transport
+from workers.providers import Adapter, Call, adapter_for
+from workers.upstream import Upstream, make_upstream, require_transport
 
 __all__ = ["Sample", "percentile", "probe", "probe_command", "summarize"]
 
@@ -88,8 +91,9 @@ def summarize(
 
 async def _probe_one(
     upstream: Upstream,
-    target: Target,
-    body: bytes,
+    adapter: Adapter,
+    kind: JobKind,
+    call: Call,
     *,
     requests: int,
     concurrency: int,
@@ -103,7 +107,7 @@ async def _probe_one(
         for _ in left:
             start = time.perf_counter()
             try:
-                reply = await upstream.complete(target, body, timeout_s=timeout_s)
+                reply = await upstream.send(adapter, kind, call, timeout_s=timeout_s)
             except UpstreamFailure as exc:
                 samples.append(Sample(time.perf_counter() - start, failure=exc.kind.value))
             else:
@@ -113,6 +117,13 @@ async def _probe_one(
     start = time.perf_counter()
     await asyncio.gather(*(lane() for _ in range(min(concurrency, requests))))
     return samples, time.perf_counter() - start
+
+
+def _request(kind: JobKind, max_tokens: int) -> dict[str, Any]:
+    """A small request of ``kind``: a short chat, or one sentence to embed."""
+    if kind is JobKind.EMBEDDING:
+        return {"input": PROMPT}
+    return {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens}
 
 
 def _model_for(endpoint: EndpointSettings, model: str | None) -> tuple[str, str] | None:
@@ -156,13 +167,9 @@ async def probe(
             )
             plan.append((endpoint, chosen, task))
         for endpoint, (canonical, upstream_model), task in plan:
-            body = orjson.dumps(
-                {
-                    "model": upstream_model,
-                    "messages": [{"role": "user", "content": PROMPT}],
-                    "max_tokens": max_tokens,
-                }
-            )
+            kind = JobKind(endpoint.models[canonical].kind)
+            adapter = adapter_for(endpoint)
+            call = adapter.call(kind, _request(kind, max_tokens), upstream_model)
 
             def advance(task: Any = task) -> None:
                 if progress is not None:
@@ -170,8 +177,9 @@ async def probe(
 
             samples, wall = await _probe_one(
                 upstream,
-                Target.from_settings(endpoint),
-                body,
+                adapter,
+                kind,
+                call,
                 requests=requests,
                 concurrency=concurrency,
                 timeout_s=timeout_s or endpoint.timeout_s,

@@ -10,16 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-
-import orjson
 
 from schemas.codec import Job
 from schemas.contract import JobKind
 from schemas.errors import ErrorCode
 from workers.errors import UpstreamFailure
 from workers.events import NOOP, AttemptDone, Hedged, Hook, Retried
+from workers.providers import Adapter, UpstreamReply
 from workers.routing import (
     Choice,
     GiveUp,
@@ -35,7 +34,7 @@ from workers.routing import (
     should_hedge,
 )
 from workers.routing.pacing import after_failure, capacity_wake, hedge_after, too_late
-from workers.upstream import Target, Upstream, UpstreamReply
+from workers.upstream import Upstream
 
 __all__ = ["Dispatcher", "Failed", "Served"]
 
@@ -78,7 +77,7 @@ class Dispatcher:
         router: Router,
         budget: RetryBudget,
         upstream: Upstream,
-        targets: dict[str, Target],
+        adapters: Mapping[str, Adapter],
         max_attempts: int,
         margin_s: float,
         clock: Callable[[], float],
@@ -88,7 +87,7 @@ class Dispatcher:
         self.router = router
         self.retry_budget = budget
         self._upstream = upstream
-        self._targets = targets
+        self._adapters = adapters
         self._max_attempts = max_attempts
         self._margin_s = margin_s
         self._clock = clock
@@ -317,10 +316,11 @@ class Dispatcher:
         attempt = router.begin(choice.endpoint, work=work, now=now, model=choice.model)
         try:
             timeout = router.attempt_timeout(choice.endpoint, work=work, remaining_s=deadline - now)
-            body = orjson.dumps({**job.body, "model": choice.upstream_model})
-            reply = await self._upstream.complete(
-                self._targets[choice.endpoint],
-                body,
+            adapter = self._adapters[choice.endpoint]
+            reply = await self._upstream.send(
+                adapter,
+                job.kind,
+                adapter.call(job.kind, job.body, choice.upstream_model),
                 timeout_s=max(timeout, 0.001),
                 traceparent=job.traceparent,
             )

@@ -11,6 +11,7 @@ import click
 from schemas import event_loop
 from schemas.logs import setup_logging
 from schemas.settings import ConfigError, Settings, load_settings
+from workers.providers import adapter_for
 from workers.upstream import require_transport
 
 __all__ = ["run_worker", "worker_command"]
@@ -48,6 +49,8 @@ def worker_command(config: str | None, name: str | None, declare: bool, log_form
     try:
         settings = load_settings(config)
         require_transport(settings.worker.http_transport)
+        for endpoint in settings.endpoints:
+            adapter_for(endpoint)  # a kind this install cannot speak: one line, not a traceback
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     if not settings.endpoints:

@@ -1,4 +1,4 @@
-"""The httpx adapters to upstreams (``worker.http_transport = "httpx"`` or
+"""The httpx transports to upstreams (``worker.http_transport = "httpx"`` or
 ``"httpx-aiohttp"``), kept to compare against the default aiohttp one.
 
 httpx and httpx-aiohttp come with the ``llmq-router[httpx]`` extra; only
@@ -9,19 +9,15 @@ they are installed, so a default install never loads them.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 
+from schemas.contract import JobKind
 from workers.errors import UpstreamFailure
+from workers.providers.base import Adapter, Call, UpstreamReply
 from workers.routing import FailureKind
-from workers.upstream import (
-    MAX_RESPONSE_BYTES,
-    Target,
-    UpstreamReply,
-    classify,
-    request_headers,
-    too_large,
-)
+from workers.upstream import MAX_RESPONSE_BYTES, request_headers, too_large
 
 __all__ = ["HttpxUpstream"]
 
@@ -43,32 +39,41 @@ class HttpxUpstream:
             transport = httpx.AsyncHTTPTransport(limits=limits, retries=0)
         self._client = httpx.AsyncClient(transport=transport, follow_redirects=False)
 
-    async def complete(
-        self, target: Target, body: bytes, *, timeout_s: float, traceparent: str | None = None
+    async def send(
+        self,
+        adapter: Adapter,
+        kind: JobKind,
+        call: Call,
+        *,
+        timeout_s: float,
+        traceparent: str | None = None,
     ) -> UpstreamReply:
         timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0))
+        name = adapter.name
         try:
             # httpx applies its timeout per phase; bound the whole call as well.
             async with asyncio.timeout(timeout_s):
                 response = await self._client.post(
-                    target.url,
-                    content=body,
-                    headers=request_headers(target, traceparent),
+                    call.url,
+                    content=call.body,
+                    headers=request_headers(call, traceparent),
                     timeout=timeout,
                 )
         except (TimeoutError, httpx.TimeoutException):
             raise UpstreamFailure(
-                FailureKind.TIMEOUT, f"{target.name}: no answer within {timeout_s:.3g} s"
+                FailureKind.TIMEOUT, f"{name}: no answer within {timeout_s:.3g} s"
             ) from None
         except httpx.ConnectError:
-            raise UpstreamFailure(FailureKind.REFUSED, f"{target.name}: cannot connect") from None
+            raise UpstreamFailure(FailureKind.REFUSED, f"{name}: cannot connect") from None
         except httpx.HTTPError as exc:
             raise UpstreamFailure(
-                FailureKind.SERVER_ERROR, f"{target.name}: {type(exc).__name__}"
+                FailureKind.SERVER_ERROR, f"{name}: {type(exc).__name__}"
             ) from None
         if len(response.content) > self._max_bytes:  # read whole first: httpx has no cap
-            raise too_large(target, self._max_bytes)
-        return classify(target, response.status_code, response.headers, response.content)
+            raise too_large(name, self._max_bytes)
+        return adapter.answer(
+            kind, response.status_code, response.headers, response.content, now=time.time()
+        )
 
     async def aclose(self) -> None:
         await self._client.aclose()

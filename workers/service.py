@@ -34,11 +34,12 @@ from workers.gossip import Gossip
 from workers.intake import Intake, admission
 from workers.outcome import Outcome, Route, RoutingRecord, failure
 from workers.preflight import preflight
+from workers.providers import adapter_for
 from workers.routing import EndpointSpec, Router, RoutingConfig
 from workers.spend_gate import SpendGate
 from workers.telemetry import Telemetry
 from workers.tracing import traced
-from workers.upstream import Target, Upstream, make_upstream
+from workers.upstream import Upstream, make_upstream
 
 __all__ = ["Worker", "WorkerStats"]
 
@@ -74,7 +75,9 @@ class Worker:
         self.stats = WorkerStats()
         self._declare = declare_topology
         self._upstream = upstream
-        self._endpoints = {e.name: e for e in settings.endpoints}
+        # Built now: URLs and headers once per endpoint, and a kind this install
+        # cannot speak is a ConfigError before any connection is opened.
+        self._adapters = {e.name: adapter_for(e) for e in settings.endpoints}
         config = routing or routing_config(settings)
         self.router = Router(
             [EndpointSpec.from_settings(e) for e in settings.endpoints],
@@ -168,7 +171,7 @@ class Worker:
             router=self.router,
             budget=self.retry_budget,
             upstream=upstream,
-            targets={name: Target.from_settings(e) for name, e in self._endpoints.items()},
+            adapters=self._adapters,
             max_attempts=self.router.config.max_attempts,
             margin_s=self.router.config.deadline_margin_s,
             clock=time.monotonic,

@@ -19,10 +19,12 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from producers.gateway import start_gateway
 from schemas.broker.topology import apply_topology
+from schemas.contract import JobKind
 from schemas.settings import Settings
 from schemas.topology import plan
+from workers.providers import Adapter, Call, UpstreamReply
 from workers.service import Worker
-from workers.upstream import Target, UpstreamReply, make_upstream
+from workers.upstream import make_upstream
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -54,11 +56,19 @@ class Recording:
         self.inner = make_upstream("aiohttp")
         self.calls: list[tuple[str | None, dict[str, Any]]] = []
 
-    async def complete(
-        self, target: Target, body: bytes, *, timeout_s: float, traceparent: str | None = None
+    async def send(
+        self,
+        adapter: Adapter,
+        kind: JobKind,
+        call: Call,
+        *,
+        timeout_s: float,
+        traceparent: str | None = None,
     ) -> UpstreamReply:
-        self.calls.append((traceparent, orjson.loads(body)))
-        return await self.inner.complete(target, body, timeout_s=timeout_s, traceparent=traceparent)
+        self.calls.append((traceparent, orjson.loads(call.body)))
+        return await self.inner.send(
+            adapter, kind, call, timeout_s=timeout_s, traceparent=traceparent
+        )
 
     async def aclose(self) -> None:
         await self.inner.aclose()

@@ -9,10 +9,13 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
+from schemas.contract import JobKind
+from schemas.settings import EndpointSettings
 from workers.errors import UpstreamFailure
 from workers.httpx_upstream import HttpxUpstream
+from workers.providers import Call, adapter_for
 from workers.routing import FailureKind
-from workers.upstream import AiohttpUpstream, Target
+from workers.upstream import AiohttpUpstream
 
 LIMIT = 1024 * 1024
 OK = b'{"choices":[{"message":{"role":"assistant","content":"hi"}}],"usage":{}}'
@@ -69,11 +72,12 @@ async def test_an_answer_past_the_limit_fails_the_attempt(
     upstream = (
         AiohttpUpstream(max_bytes=LIMIT) if kind == "aiohttp" else HttpxUpstream(max_bytes=LIMIT)
     )
-    target = Target("u", f"{server}/{path}", {}, ())
+    adapter = adapter_for(EndpointSettings(name="u", base_url=server, models=["m"]))
+    chat = JobKind.CHAT
     try:
         with pytest.raises(UpstreamFailure) as caught:
-            await upstream.complete(target, b"{}", timeout_s=20)
-        ok = await upstream.complete(Target("u", f"{server}/fine", {}, ()), b"{}", timeout_s=5)
+            await upstream.send(adapter, chat, Call(f"{server}/{path}", {}, b"{}"), timeout_s=20)
+        ok = await upstream.send(adapter, chat, Call(f"{server}/fine", {}, b"{}"), timeout_s=5)
     finally:
         await upstream.aclose()
     assert caught.value.kind is FailureKind.MALFORMED

@@ -10,11 +10,13 @@ from typing import Any
 import pytest
 
 from schemas.codec import Job
+from schemas.contract import JobKind
+from schemas.settings import EndpointSettings
 from workers.attempts import Dispatcher, Served
 from workers.errors import UpstreamFailure
 from workers.events import AttemptDone, Event, Hedged
+from workers.providers import Adapter, Call, UpstreamReply, adapter_for
 from workers.routing import EndpointSpec, FailureKind, RetryBudget, Router, Work
-from workers.upstream import Target, UpstreamReply
 
 REPLY = UpstreamReply({"choices": [{"message": {"content": "hi"}}]}, 5, 16)
 
@@ -30,19 +32,25 @@ class FakeUpstream:
         self.cancelled: list[str] = []
         self.called = asyncio.Event()
 
-    async def complete(
-        self, target: Target, body: bytes, *, timeout_s: float, traceparent: str | None = None
+    async def send(
+        self,
+        adapter: Adapter,
+        kind: JobKind,
+        call: Call,
+        *,
+        timeout_s: float,
+        traceparent: str | None = None,
     ) -> UpstreamReply:
         n = len(self.calls)
-        self.calls.append((target.name, asyncio.current_task()))
+        self.calls.append((adapter.name, asyncio.current_task()))
         self.called.set()
         try:
             await asyncio.sleep(self.latency_s[min(n, len(self.latency_s) - 1)])
         except asyncio.CancelledError:
-            self.cancelled.append(target.name)
+            self.cancelled.append(adapter.name)
             raise
         if n in self.fail:
-            raise UpstreamFailure(FailureKind.SERVER_ERROR, f"{target.name}: 503", status=503)
+            raise UpstreamFailure(FailureKind.SERVER_ERROR, f"{adapter.name}: 503", status=503)
         return REPLY
 
     async def aclose(self) -> None:
@@ -55,7 +63,10 @@ def dispatcher(upstream: FakeUpstream, events: list[Event]) -> Dispatcher:
         router=Router(specs, {}, rand=random.Random(3).random),
         budget=RetryBudget(0.2, 10.0),
         upstream=upstream,
-        targets={n: Target(n, f"http://127.0.0.1:9/{n}", {}, ()) for n in ("a", "b")},
+        adapters={
+            n: adapter_for(EndpointSettings(name=n, base_url="http://127.0.0.1:9", models=["m"]))
+            for n in ("a", "b")
+        },
         max_attempts=3,
         margin_s=0.01,
         clock=time.monotonic,

@@ -20,11 +20,13 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from schemas.codec import Job
+from schemas.contract import JobKind
+from schemas.settings import EndpointSettings
 from workers.attempts import Dispatcher
 from workers.errors import UpstreamFailure
 from workers.events import Event
+from workers.providers import Adapter, Call, UpstreamReply, adapter_for
 from workers.routing import EndpointSpec, FailureKind, RetryBudget, Router, Work
-from workers.upstream import Target, UpstreamReply
 
 REPLY = UpstreamReply({"choices": [{"message": {"content": "hi"}}]}, 5, 16)
 ENDPOINTS = ("a", "b", "c")
@@ -69,8 +71,14 @@ class FaultyUpstream:
         self.at, self.how, self.enabled = at, how, enabled
         self.n = 0
 
-    async def complete(
-        self, target: Target, body: bytes, *, timeout_s: float, traceparent: str | None = None
+    async def send(
+        self,
+        adapter: Adapter,
+        kind: JobKind,
+        call: Call,
+        *,
+        timeout_s: float,
+        traceparent: str | None = None,
     ) -> UpstreamReply:
         self.n += 1
         await asyncio.sleep(0.002 * (self.n % 3))
@@ -129,7 +137,10 @@ async def _run(step: str, at: int, how: str, hedge: bool, jobs: int) -> Router:
         router=router,
         budget=RetryBudget(10.0, 100.0),
         upstream=FaultyUpstream(at, how, enabled=step == "upstream"),
-        targets={n: Target(n, f"http://127.0.0.1:9/{n}", {}, ()) for n in ENDPOINTS},
+        adapters={
+            n: adapter_for(EndpointSettings(name=n, base_url="http://127.0.0.1:9", models=["m"]))
+            for n in ENDPOINTS
+        },
         max_attempts=3,
         margin_s=0.01,
         clock=time.monotonic,
