@@ -140,12 +140,19 @@ def latency_s(latency: Latency, z: float) -> float:
 
 
 def plan_request(
-    endpoint: Endpoint, rng: random.Random, t: float, max_tokens: int | None = None
+    endpoint: Endpoint,
+    rng: random.Random,
+    t: float,
+    max_tokens: int | None = None,
+    *,
+    input_tokens: int | None = None,
 ) -> Plan:
     """Decide the answer to the next request arriving at fleet time ``t``.
 
     Draws, always in this order: the outcome, the latency, the length, the usage.
     Outcomes split [0, 1) in the order rate limit, hang, error, malformed, ok.
+    With ``input_tokens`` (an embeddings request) nothing is generated: the
+    time grows with the input (``ms_per_input_token``) and the length is 0.
     """
     u_outcome = rng.random()
     z = rng.normalvariate(0.0, 1.0)
@@ -170,7 +177,12 @@ def plan_request(
     if max_tokens is not None and tokens > max_tokens:
         tokens, finish_reason = max_tokens, "length"
     delay = latency_s(endpoint.latency_ms, z)
-    if outcome in (Outcome.OK, Outcome.MALFORMED):
+    answered = outcome in (Outcome.OK, Outcome.MALFORMED)
+    if input_tokens is not None:
+        tokens = 0
+        if answered:
+            delay += input_tokens * endpoint.ms_per_input_token / 1000.0
+    elif answered:
         delay += tokens * endpoint.ms_per_token / 1000.0
     if outcome is Outcome.RATE_LIMITED:
         delay = 0.0

@@ -16,7 +16,7 @@ from typing import Any
 
 from workers.fleet.plan import is_down, next_change
 from workers.fleet.scenario import Scenario
-from workers.fleet.server import Admin, EndpointServer
+from workers.fleet.server import Admin, EndpointServer, Seen
 from workers.fleet.stats import EndpointStats
 
 __all__ = ["EndpointInfo", "Fleet", "endpoint_rng"]
@@ -145,8 +145,13 @@ class Fleet:
         }
 
     def url(self, name: str) -> str:
-        """The OpenAI base URL of endpoint ``name``: ``http://127.0.0.1:PORT/v1``."""
+        """The base URL of endpoint ``name``: ``http://127.0.0.1:PORT/v1`` (openai),
+        the resource root ``http://127.0.0.1:PORT`` (azure)."""
         return self._server(name).url
+
+    def seen(self, name: str) -> list[Seen]:
+        """The last requests endpoint ``name`` received, oldest first (its ``record``)."""
+        return list(self._server(name).seen or ())
 
     def stats(self) -> dict[str, EndpointStats]:
         """A snapshot of every endpoint's counters."""

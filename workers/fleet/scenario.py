@@ -130,9 +130,17 @@ class Endpoint(_Strict):
     """One fake upstream: its port, models, latency and fault rates."""
 
     name: str = Field(pattern=_NAME)
+    kind: Literal["openai", "azure"] = "openai"
+    """The provider it fakes: ``openai`` serves ``/v1/chat/completions`` and
+    ``/v1/embeddings`` behind ``Authorization: Bearer``; ``azure`` serves
+    ``/openai/deployments/{model}/chat/completions?api-version=...`` (and
+    ``/embeddings``) behind an ``api-key`` header (or an Entra ID bearer
+    token), with Azure's error shapes."""
     port: int = Field(default=0, ge=0, le=65535)
     """0 picks a free port at start (tests); fixed ports suit the demo."""
     models: tuple[str, ...] = Field(min_length=1)
+    """The model names it serves (for azure: its deployment names). Every model
+    answers both chat completions and embeddings."""
     api_key: str | None = None
     """None inherits the scenario's key; "" turns the check off for this endpoint."""
     echo_key: Literal["none", "masked", "full"] = "none"
@@ -140,6 +148,9 @@ class Endpoint(_Strict):
     (``sk-abc****wxyz``), or all of it, like a careless relay (secret tests)."""
     latency_ms: Latency = Latency(median=0.0, p99=0.0)
     ms_per_token: float = Field(default=0.0, ge=0.0)
+    ms_per_input_token: float = Field(default=0.01, ge=0.0)
+    """Embeddings only: time per input token on top of the latency, so a
+    bigger input takes longer (8,000 tokens: 80 ms by default)."""
     output_tokens: TokenRange = TokenRange(min=16, max=256)
     error_rate: Rate = 0.0
     error_status: int = Field(default=500, ge=500, le=599)
@@ -154,6 +165,9 @@ class Endpoint(_Strict):
     capacity: int = Field(default=0, ge=0)
     over_capacity: Literal["queue", "429"] = "queue"
     windows: tuple[Window, ...] = ()
+    record: int = Field(default=0, ge=0, le=10_000)
+    """Keep the last ``record`` requests (method, path, query, headers, body) for
+    tests to check what a client sent: ``Fleet.seen(name)``. 0 keeps none."""
 
     @model_validator(mode="after")
     def _faults_fit(self) -> Endpoint:

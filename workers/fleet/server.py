@@ -14,27 +14,35 @@ import errno
 import math
 import random
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from workers.fleet import azure_wire as azure
 from workers.fleet.plan import Outcome, Plan, plan_request
 from workers.fleet.scenario import Endpoint
 from workers.fleet.stats import EndpointStats
 from workers.fleet.wire import (
     MALFORMED_BODY,
+    OPENAI,
     ChatCall,
+    Dialect,
+    EmbeddingCall,
     Refusal,
-    completion_body,
+    completion_dict,
+    embeddings_body,
     error_body,
     models_body,
     parse_chat,
+    parse_embeddings,
     prompt_tokens,
 )
 
-__all__ = ["Admin", "EndpointServer"]
+__all__ = ["Admin", "EndpointServer", "Seen"]
 
 _JSON = "application/json"
 _REBIND_TRIES = 50
@@ -49,8 +57,30 @@ class Admin:
         self.reset = reset
 
 
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """One request as it arrived (kept when the endpoint's ``record`` > 0)."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: bytes
+
+
+_OPENAI_POSTS: dict[str, Callable[[bytes, tuple[str, ...]], ChatCall | EmbeddingCall | Refusal]]
+_OPENAI_POSTS = {"/v1/chat/completions": parse_chat, "/v1/embeddings": parse_embeddings}
+_BASE_PATH = {"openai": "/v1"}
+"""What a client's base URL adds to ``http://host:port``, per kind (azure: nothing)."""
+
+
 class EndpointServer:
-    """Serves one endpoint; the fleet opens, closes and reads it."""
+    """Serves one endpoint; the fleet opens, closes and reads it.
+
+    Each provider kind has one method, ``serve_<kind>``, that answers its
+    provider's paths (None for a path that is not one of them); ``_route``
+    calls the endpoint's, then the fleet-wide ``/fleet/*`` paths.
+    """
 
     def __init__(
         self,
@@ -66,6 +96,7 @@ class EndpointServer:
         self.host = host
         self.port = endpoint.port
         self.stats = EndpointStats()
+        self._key = key
         self._auth = f"Bearer {key}" if key else None
         self._rng = rng
         self._clock = clock
@@ -77,6 +108,12 @@ class EndpointServer:
         self._listener: asyncio.Server | None = None
         self._opened = False
         self._running: set[asyncio.Task[Any]] = set()
+        self.seen: deque[Seen] | None = deque(maxlen=endpoint.record) if endpoint.record else None
+        kinds: dict[str, Callable[[web.BaseRequest], Awaitable[web.StreamResponse | None]]] = {
+            "openai": self.serve_openai,
+            "azure": self.serve_azure,
+        }
+        self._serve_kind = kinds[endpoint.kind]
 
     @property
     def listening(self) -> bool:
@@ -90,8 +127,9 @@ class EndpointServer:
 
     @property
     def url(self) -> str:
-        """The OpenAI base URL clients use (``http://host:port/v1``)."""
-        return f"http://{self.host}:{self.port}/v1"
+        """The base URL clients configure: ``http://host:port/v1`` for openai,
+        the resource root ``http://host:port`` for azure."""
+        return f"http://{self.host}:{self.port}{_BASE_PATH.get(self.endpoint.kind, '')}"
 
     async def open(self) -> None:
         """Listen on the endpoint's port (the same one again after a close)."""
@@ -148,14 +186,12 @@ class EndpointServer:
         return await self._route(request)
 
     async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self.seen is not None:
+            await self._record(request)
+        served = await self._serve_kind(request)
+        if served is not None:
+            return served
         path, method = request.path, request.method
-        if path == "/v1/chat/completions" and method == "POST":
-            return await self._chat(request)
-        if path == "/v1/models" and method == "GET":
-            self.stats.requests += 1
-            if self._auth is not None and request.headers.get("Authorization") != self._auth:
-                return self._answer(401, self._bad_key(request))
-            return self._answer(200, models_body(self.endpoint.models, 0, "fleet"))
         if path == "/fleet/stats" and method == "GET":
             return web.Response(body=orjson.dumps(self._admin.stats()), headers=self._headers)
         if path == "/fleet/reset" and method == "POST":
@@ -167,6 +203,65 @@ class EndpointServer:
             body=error_body(message, "invalid_request_error", "unknown_url"),
             headers=self._headers,
         )
+
+    async def _record(self, request: web.BaseRequest) -> None:
+        assert self.seen is not None
+        body = await request.read()  # aiohttp keeps it: the handler reads it again
+        query = dict(request.query)
+        self.seen.append(Seen(request.method, request.path, query, dict(request.headers), body))
+
+    async def serve_openai(self, request: web.BaseRequest) -> web.StreamResponse | None:
+        """OpenAI's paths: chat completions, embeddings, the model list."""
+        path, method = request.path, request.method
+        if method == "POST":
+            parse = _OPENAI_POSTS.get(path)
+            if parse is None:
+                return None
+            self.stats.requests += 1
+            if self._auth is not None and request.headers.get("Authorization") != self._auth:
+                return self._answer(401, self._bad_key(request))
+            call = parse(await request.read(), self.endpoint.models)
+            return await self._call(request, call, OPENAI)
+        if path == "/v1/models" and method == "GET":
+            self.stats.requests += 1
+            if self._auth is not None and request.headers.get("Authorization") != self._auth:
+                return self._answer(401, self._bad_key(request))
+            return self._answer(200, models_body(self.endpoint.models, 0, "fleet"))
+        return None
+
+    async def serve_azure(self, request: web.BaseRequest) -> web.StreamResponse | None:
+        """Azure OpenAI's deployment paths: the api-version, the key, the deployment."""
+        target = azure.deployment_call(request.path)
+        if target is None or request.method != "POST":
+            return None
+        self.stats.requests += 1
+        deployment, operation = target
+        version = request.query.get("api-version")
+        refused = None if self._azure_key_ok(request) else azure.BAD_KEY
+        if refused is None:
+            refused = azure.version_refusal(version)
+        if refused is None and deployment not in self.endpoint.models:
+            refused = azure.UNKNOWN_DEPLOYMENT
+        if refused is not None:
+            return self._answer(refused.status, refused.body)
+        raw = await request.read()
+        if operation == "embeddings":
+            call: ChatCall | EmbeddingCall | Refusal = parse_embeddings(
+                raw, self.endpoint.models, deployment
+            )
+        else:
+            call = parse_chat(raw, self.endpoint.models, deployment)
+            if isinstance(call, ChatCall) and azure.filtered(call.messages):
+                call = azure.content_filter_refusal()
+        dialect = azure.dialect(operation, str(version), self.endpoint.retry_after_s)
+        return await self._call(request, call, dialect)
+
+    def _azure_key_ok(self, request: web.BaseRequest) -> bool:
+        """An ``api-key`` header, or the same secret as an Entra ID bearer token."""
+        if self._key is None:
+            return True
+        headers = request.headers
+        return headers.get("api-key") == self._key or headers.get("Authorization") == self._auth
 
     def _bad_key(self, request: web.BaseRequest) -> bytes:
         echo = self.endpoint.echo_key
@@ -180,25 +275,30 @@ class EndpointServer:
             "invalid_api_key",
         )
 
-    async def _chat(self, request: web.BaseRequest) -> web.StreamResponse:
-        stats = self.stats
-        stats.requests += 1
-        if self._auth is not None and request.headers.get("Authorization") != self._auth:
-            return self._answer(401, self._bad_key(request))
-        call = parse_chat(await request.read(), self.endpoint.models)
+    async def _call(
+        self,
+        request: web.BaseRequest,
+        call: ChatCall | EmbeddingCall | Refusal,
+        dialect: Dialect,
+    ) -> web.StreamResponse:
+        """A checked request through the endpoint's faults, capacity and latency."""
         if isinstance(call, Refusal):
             return self._answer(call.status, call.body)
-        plan = plan_request(self.endpoint, self._rng, self._clock(), call.max_tokens)
+        stats = self.stats
+        if isinstance(call, ChatCall):
+            plan = plan_request(self.endpoint, self._rng, self._clock(), call.max_tokens)
+        else:
+            plan = plan_request(self.endpoint, self._rng, self._clock(), input_tokens=call.tokens)
         seq = self._seq = self._seq + 1
         if plan.outcome is Outcome.RATE_LIMITED:
             stats.outcome(plan.outcome.value)
-            return self._too_many("Rate limit reached for requests (fleet: rate_limit_rate).")
+            return self._too_many(dialect.too_many("rate_limit_rate"))
         slots = self._slots
         try:
             if slots is not None:
                 if slots.locked() and self.endpoint.over_capacity == "429":
                     stats.outcome("over_capacity")
-                    return self._too_many("Too many concurrent requests (fleet: capacity).")
+                    return self._too_many(dialect.too_many("capacity"))
                 if slots.locked():
                     stats.queued += 1
                     try:
@@ -210,7 +310,7 @@ class EndpointServer:
             stats.outcome(plan.outcome.value)
             stats.enter()
             try:
-                return await self._serve(request, call, plan, seq)
+                return await self._serve(request, call, plan, seq, dialect)
             finally:
                 stats.in_flight -= 1
                 if slots is not None:
@@ -220,16 +320,21 @@ class EndpointServer:
                 stats.dropped += 1
             raise
 
-    def _too_many(self, message: str) -> web.Response:
+    def _too_many(self, body: bytes) -> web.Response:
         after = self.endpoint.retry_after_s
         extra = {
             "Retry-After": str(math.ceil(after)),
             "retry-after-ms": str(round(after * 1000)),
         }
-        return self._answer(429, error_body(message, "requests", "rate_limit_exceeded"), extra)
+        return self._answer(429, body, extra)
 
     async def _serve(
-        self, request: web.BaseRequest, call: ChatCall, plan: Plan, seq: int
+        self,
+        request: web.BaseRequest,
+        call: ChatCall | EmbeddingCall,
+        plan: Plan,
+        seq: int,
+        dialect: Dialect,
     ) -> web.StreamResponse:
         if plan.outcome is Outcome.HANG:
             self.stats.hangs += 1
@@ -246,16 +351,21 @@ class EndpointServer:
             return self._answer(self.endpoint.error_status, error_body(message, "server_error"))
         if plan.outcome is Outcome.MALFORMED:
             return self._answer(200, MALFORMED_BODY)
-        body = completion_body(
-            endpoint=self.endpoint.name,
-            seq=seq,
-            model=call.model,
-            created=int(time.time()),
-            completion_tokens=plan.completion_tokens,
-            finish_reason=plan.finish_reason,
-            prompt=prompt_tokens(call.messages),
-            usage=plan.usage,
-        )
+        if isinstance(call, EmbeddingCall):
+            body = embeddings_body(call, usage=plan.usage)
+        else:
+            body = dialect.completion(
+                completion_dict(
+                    endpoint=self.endpoint.name,
+                    seq=seq,
+                    model=call.model,
+                    created=int(time.time()),
+                    completion_tokens=plan.completion_tokens,
+                    finish_reason=plan.finish_reason,
+                    prompt=prompt_tokens(call.messages),
+                    usage=plan.usage,
+                )
+            )
         if self.endpoint.drip_s <= 0:
             return self._answer(200, body)
         return await self._drip(request, body)

@@ -1,4 +1,5 @@
-"""The OpenAI wire format as the fleet speaks it: request checks and answer bodies.
+"""The OpenAI wire format as the fleet speaks it: request checks and answer bodies
+(chat completions and embeddings).
 
 Kept apart from the server so the shapes can be read in one place and
 checked against what the router's client sends and parses; nothing here does I/O.
@@ -6,6 +7,10 @@ checked against what the router's client sends and parses; nothing here does I/O
 
 from __future__ import annotations
 
+import base64
+import math
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,13 +18,19 @@ import orjson
 
 __all__ = [
     "MALFORMED_BODY",
+    "OPENAI",
     "ChatCall",
+    "Dialect",
+    "EmbeddingCall",
     "Refusal",
     "completion_body",
+    "completion_dict",
     "completion_text",
+    "embeddings_body",
     "error_body",
     "models_body",
     "parse_chat",
+    "parse_embeddings",
     "prompt_tokens",
 ]
 
@@ -69,6 +80,32 @@ def completion_body(
     usage: bool,
 ) -> bytes:
     """A ``chat.completion`` object; without ``usage`` when the plan says so."""
+    return orjson.dumps(
+        completion_dict(
+            endpoint=endpoint,
+            seq=seq,
+            model=model,
+            created=created,
+            completion_tokens=completion_tokens,
+            finish_reason=finish_reason,
+            prompt=prompt,
+            usage=usage,
+        )
+    )
+
+
+def completion_dict(
+    *,
+    endpoint: str,
+    seq: int,
+    model: str,
+    created: int,
+    completion_tokens: int,
+    finish_reason: str,
+    prompt: int,
+    usage: bool,
+) -> dict[str, Any]:
+    """:func:`completion_body` as a dict, for dialects that add to it (azure)."""
     body: dict[str, Any] = {
         "id": f"chatcmpl-{endpoint}-{seq}",
         "object": "chat.completion",
@@ -94,7 +131,27 @@ def completion_body(
             "completion_tokens": completion_tokens,
             "total_tokens": prompt + completion_tokens,
         }
-    return orjson.dumps(body)
+    return body
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """How one provider kind words what the fleet's shared machinery answers."""
+
+    too_many: Callable[[str], bytes]
+    """The 429 body, given the fleet's reason (``rate_limit_rate`` or ``capacity``)."""
+    completion: Callable[[dict[str, Any]], bytes]
+    """A chat completion's body, from its OpenAI shape (:func:`completion_dict`)."""
+
+
+_TOO_MANY = {
+    "rate_limit_rate": "Rate limit reached for requests (fleet: rate_limit_rate).",
+    "capacity": "Too many concurrent requests (fleet: capacity).",
+}
+
+
+def _too_many(reason: str) -> bytes:
+    return error_body(_TOO_MANY[reason], "requests", "rate_limit_exceeded")
 
 
 def error_body(
@@ -104,6 +161,10 @@ def error_body(
     return orjson.dumps(
         {"error": {"message": message, "type": type_, "param": param, "code": code}}
     )
+
+
+OPENAI = Dialect(_too_many, orjson.dumps)
+"""OpenAI's words."""
 
 
 def models_body(models: tuple[str, ...], created: int, owner: str) -> bytes:
@@ -133,15 +194,18 @@ def _invalid(message: str, param: str | None = None, code: str | None = None) ->
     return Refusal(400, error_body(message, "invalid_request_error", code, param))
 
 
-def parse_chat(raw: bytes, models: tuple[str, ...]) -> ChatCall | Refusal:
-    """Check a request body as OpenAI would: JSON, messages, model, no streaming."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return _invalid("We could not parse the JSON body of your request.")
-    if not isinstance(body, dict):
-        return _invalid("The request body must be a JSON object.")
-    model = body.get("model")
+def parse_chat(
+    raw: bytes, models: tuple[str, ...], deployment: str | None = None
+) -> ChatCall | Refusal:
+    """Check a request body as OpenAI would: JSON, messages, model, no streaming.
+
+    With ``deployment`` (Azure: the model is in the URL, checked already) the
+    body's ``model`` is ignored, as Azure ignores it.
+    """
+    body = _json_object(raw)
+    if isinstance(body, Refusal):
+        return body
+    model = body.get("model") if deployment is None else deployment
     if not isinstance(model, str) or not model:
         return _invalid("you must provide a model parameter", "model")
     messages = body.get("messages")
@@ -160,3 +224,90 @@ def parse_chat(raw: bytes, models: tuple[str, ...]) -> ChatCall | Refusal:
         message = f"The model `{model}` does not exist or you do not have access to it."
         return Refusal(404, error_body(message, "invalid_request_error", "model_not_found"))
     return ChatCall(model=model, messages=messages, max_tokens=max_tokens)
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | Refusal:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _invalid("We could not parse the JSON body of your request.")
+    if not isinstance(body, dict):
+        return _invalid("The request body must be a JSON object.")
+    return body
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingCall:
+    """The parts of a valid embeddings request the fleet uses."""
+
+    model: str
+    inputs: list[Any]
+    """One entry per vector to return: a string or a token array."""
+    tokens: int
+    """About a token per four characters (a token array counts its length)."""
+    dimensions: int
+    base64: bool
+
+
+_DIMENSIONS = 8
+"""Vectors are short: the fleet measures routing, not similarity."""
+
+
+def parse_embeddings(
+    raw: bytes, models: tuple[str, ...], deployment: str | None = None
+) -> EmbeddingCall | Refusal:
+    """Check an embeddings body as OpenAI would: model, a non-empty ``input``."""
+    body = _json_object(raw)
+    if isinstance(body, Refusal):
+        return body
+    model = body.get("model") if deployment is None else deployment
+    if not isinstance(model, str) or not model:
+        return _invalid("you must provide a model parameter", "model")
+    given = body.get("input")
+    inputs = given if isinstance(given, list) and given and not _is_tokens(given) else [given]
+    tokens = 0
+    for item in inputs:
+        if isinstance(item, str) and item:
+            tokens += max(1, round(len(item) / 4))
+        elif isinstance(item, list) and item and _is_tokens(item):
+            tokens += len(item)
+        else:
+            return _invalid(
+                "'input' must be a non-empty string, array of strings or tokens", "input"
+            )
+    dimensions = body.get("dimensions", _DIMENSIONS)
+    if (
+        not isinstance(dimensions, int)
+        or isinstance(dimensions, bool)
+        or not 1 <= dimensions <= 256
+    ):
+        return _invalid("dimensions must be an integer from 1 to 256 here", "dimensions")
+    fmt = body.get("encoding_format", "float")
+    if fmt not in ("float", "base64"):
+        return _invalid("encoding_format must be float or base64", "encoding_format")
+    if model not in models:
+        message = f"The model `{model}` does not exist or you do not have access to it."
+        return Refusal(404, error_body(message, "invalid_request_error", "model_not_found"))
+    return EmbeddingCall(model, inputs, tokens, dimensions, fmt == "base64")
+
+
+def _is_tokens(value: list[Any]) -> bool:
+    return all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def embeddings_body(call: EmbeddingCall, *, usage: bool) -> bytes:
+    """An embeddings ``list``: one deterministic vector per input, and the usage."""
+    data = []
+    for index, item in enumerate(call.inputs):
+        seed = len(item) + 7 * index
+        vector = [round(math.sin(seed + j), 6) for j in range(call.dimensions)]
+        embedding: Any = (
+            base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            if call.base64
+            else vector
+        )
+        data.append({"object": "embedding", "index": index, "embedding": embedding})
+    body: dict[str, Any] = {"object": "list", "data": data, "model": call.model}
+    if usage:
+        body["usage"] = {"prompt_tokens": call.tokens, "total_tokens": call.tokens}
+    return orjson.dumps(body)
