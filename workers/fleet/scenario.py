@@ -145,7 +145,8 @@ class Endpoint(_Strict):
     """None inherits the scenario's key; "" turns the check off for this endpoint."""
     echo_key: Literal["none", "masked", "full"] = "none"
     """What a 401 says of the key it got: nothing, OpenAI's masked form
-    (``sk-abc****wxyz``), or all of it, like a careless relay (secret tests)."""
+    (``sk-abc****wxyz``), or all of it, like a careless relay (secret tests).
+    Azure never echoes a key; an azure endpoint does here, for the same tests."""
     latency_ms: Latency = Latency(median=0.0, p99=0.0)
     ms_per_token: float = Field(default=0.0, ge=0.0)
     ms_per_input_token: float = Field(default=0.01, ge=0.0)

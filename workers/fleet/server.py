@@ -237,7 +237,7 @@ class EndpointServer:
         self.stats.requests += 1
         deployment, operation = target
         version = request.query.get("api-version")
-        refused = None if self._azure_key_ok(request) else azure.BAD_KEY
+        refused = None if self._azure_key_ok(request) else self._azure_bad_key(request)
         if refused is None:
             refused = azure.version_refusal(version)
         if refused is None and deployment not in self.endpoint.models:
@@ -262,6 +262,14 @@ class EndpointServer:
             return True
         headers = request.headers
         return headers.get("api-key") == self._key or headers.get("Authorization") == self._auth
+
+    def _azure_bad_key(self, request: web.BaseRequest) -> Refusal:
+        echo = self.endpoint.echo_key
+        if echo == "none":
+            return azure.BAD_KEY
+        given = request.headers.get("api-key", "")
+        shown = given if echo == "full" else f"{given[:3]}{'*' * 20}{given[-4:]}"
+        return azure.error(401, "401", f"Access denied: key {shown} is invalid. (fleet: api_key)")
 
     def _bad_key(self, request: web.BaseRequest) -> bytes:
         echo = self.endpoint.echo_key
