@@ -141,8 +141,20 @@ class EndpointModel(_Strict):
     """The model name the endpoint expects."""
     kind: Literal["chat", "embedding"] = "chat"
     """What the model does: jobs of this kind (``JobKind``) are routed to it."""
+    # Prices, USD per million tokens: unset, the endpoint's, else the price
+    # catalogue's (workers/prices.py, docs/configuration.md "Prices").
     input_per_mtok: float | None = Field(default=None, ge=0)
+    cached_input_per_mtok: float | None = Field(default=None, ge=0)
+    """Input tokens read from the provider's prompt cache (unset and unlisted: the input price)."""
+    cache_write_per_mtok: float | None = Field(default=None, ge=0)
+    """Input tokens written to the prompt cache (unset and unlisted: the input price)."""
     output_per_mtok: float | None = Field(default=None, ge=0)
+    price_model: str | None = Field(default=None, min_length=1, max_length=256)
+    """The price catalogue's name for the model when ``upstream`` is not it (an
+    Azure deployment, a self-hosted copy of a listed model)."""
+    price_provider: str | None = Field(default=None, pattern=_NAME)
+    """The catalogue's provider to price the model at (``openai``, ``anthropic``,
+    ``azure``, ``groq``, …), when the endpoint's kind and host do not say it."""
 
 
 class EndpointSettings(_Strict):
@@ -192,9 +204,12 @@ class EndpointSettings(_Strict):
     max_concurrency: int = Field(default=64, ge=1, le=100_000)
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
-    input_per_mtok: float = Field(default=0.0, ge=0)
-    """USD per million prompt tokens, unless the model entry says otherwise."""
-    output_per_mtok: float = Field(default=0.0, ge=0)
+    input_per_mtok: float | None = Field(default=None, ge=0)
+    """USD per million prompt tokens for the models whose entry sets none; unset:
+    the price catalogue's (docs/configuration.md, "Prices")."""
+    cached_input_per_mtok: float | None = Field(default=None, ge=0)
+    cache_write_per_mtok: float | None = Field(default=None, ge=0)
+    output_per_mtok: float | None = Field(default=None, ge=0)
     timeout_s: float = Field(default=600.0, gt=0, le=3600)
     """Upper bound of one attempt, whatever the deadline."""
 
@@ -278,14 +293,6 @@ class EndpointSettings(_Strict):
             raise ValueError("an endpoint must serve at least one model")
         rules.check_model_kinds({m: e.kind for m, e in value.items()}, info.data.get("kind"))
         return value
-
-    def price(self, model: str) -> tuple[float, float]:
-        """USD per million (input, output) tokens for a canonical model."""
-        entry = self.models[model]
-        return (
-            self.input_per_mtok if entry.input_per_mtok is None else entry.input_per_mtok,
-            self.output_per_mtok if entry.output_per_mtok is None else entry.output_per_mtok,
-        )
 
 
 class ModelSettings(_Strict):

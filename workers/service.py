@@ -194,6 +194,10 @@ class Worker:
             ", ".join(f"{e.name}[{','.join(sorted(e.models))}]" for e in self.settings.endpoints),
             ", ".join(topo.queue_name(c) for c in sorted(topo.classes)),
         )
+        for price in self.spend.prices:  # what cost_usd and the budgets will count
+            log.info("price %s", price.describe())
+            if price.warning:
+                log.warning("%s", price.warning)
 
     def _reconnected(self, *_: object) -> None:
         self.stats.reconnects += 1

@@ -15,28 +15,13 @@ from schemas.codec import Job
 from schemas.settings import Settings
 from workers.attempts import Served
 from workers.events import Event, Spent
+from workers.price_catalogue import bundled
+from workers.prices import PriceBook, Rates
 from workers.routing.pricing import estimate_usd, prompt_tokens_bound
 from workers.routing.spend import Hold
 from workers.spend_limits import SpendLimits
 
-__all__ = ["SpendGate", "worst_prices"]
-
-
-def worst_prices(settings: Settings) -> dict[str, tuple[float, float]]:
-    """Per canonical model, the highest (input, output) USD per million tokens among
-    the endpoints that may serve it, fallbacks included: what a hard cap reserves."""
-    prices: dict[str, tuple[float, float]] = {}
-    for endpoint in settings.endpoints:
-        for model in endpoint.models:
-            pin, pout = endpoint.price(model)
-            old = prices.get(model, (0.0, 0.0))
-            prices[model] = (max(old[0], pin), max(old[1], pout))
-    worst = dict(prices)
-    for model, spec in settings.models.items():
-        for fallback in spec.fallbacks:
-            a, b = worst.get(model, (0.0, 0.0)), prices.get(fallback, (0.0, 0.0))
-            worst[model] = (max(a[0], b[0]), max(a[1], b[1]))
-    return worst
+__all__ = ["SpendGate"]
 
 
 class SpendGate:
@@ -49,10 +34,12 @@ class SpendGate:
         *,
         default_max_tokens: int,
         hook: Callable[[Event], None],
+        prices: PriceBook | None = None,
     ) -> None:
         self.limits = limits
-        self._worst = worst_prices(settings)
-        self._endpoints = {e.name: e for e in settings.endpoints}
+        self.prices = prices or PriceBook(settings, bundled())
+        """Each (endpoint, model)'s price: config, else the catalogue (workers/prices.py)."""
+        self._worst = self.prices.worst(settings.models)
         self._default_max_tokens = default_max_tokens
         self._hook = hook
 
@@ -62,11 +49,14 @@ class SpendGate:
 
     def after(self, hold: Hold, job: Job, served: Served) -> float | None:
         """Charge what the answer cost (None when the upstream reported no usage)."""
-        usage_in, usage_out = served.reply.prompt_tokens, served.reply.completion_tokens
+        reply = served.reply
+        usage_in, usage_out = reply.prompt_tokens, reply.completion_tokens
         cost = None
         if usage_in is not None and usage_out is not None:
-            price_in, price_out = self._endpoints[served.endpoint].price(served.model)
-            cost = round((usage_in * price_in + usage_out * price_out) / 1e6, 8)
+            price = self.prices[served.endpoint, served.model]
+            cost = price.cost_usd(
+                usage_in, usage_out, reply.cached_tokens or 0, reply.cache_write_tokens or 0
+            )
         # Paid now, whatever happens to the reply: limits and cost count it here.
         self.limits.settle(hold, cost, model=served.model)
         self._hook(Spent(served.model, served.endpoint, job.tenant, usage_in, usage_out, cost))
@@ -77,9 +67,11 @@ class SpendGate:
 
     def _worst_case_usd(self, job: Job, model: str) -> float:
         """What the job can cost at most: its body as prompt, ``n`` full completions,
-        at the dearest endpoint of the model or its fallbacks."""
+        at the dearest endpoint of the model or its fallbacks, each input token at the
+        dearest input price (a cache write may cost more than input) of the dearest tier."""
         if not self.limits.enabled:
             return 0.0
-        price_in, price_out = self._worst.get(model, (0.0, 0.0))
+        worst = self._worst.get(model, Rates())
         cap = job.output_cap or self._default_max_tokens
-        return estimate_usd(prompt_tokens_bound(job.body_bytes), cap, price_in, price_out, job.n)
+        bound = prompt_tokens_bound(job.body_bytes)
+        return estimate_usd(bound, cap, worst.dearest_input, worst.output, job.n)

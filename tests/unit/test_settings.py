@@ -115,9 +115,15 @@ def test_load_from_file(write_toml: WriteToml) -> None:
         "gpt-4.1": "gpt-4.1",
     }
     assert b.models["gpt-4.1-mini"].upstream == "openai/gpt-4.1-mini"
-    assert b.price("gpt-4.1") == (2.0, 8.0)
-    assert b.price("gpt-4.1-mini") == (0.0, 0.0)
-    assert a.price("gpt-4.1") == (0.4, 1.6)
+    # Prices are read as given; unset is None (the price decision: tests/unit/test_prices.py).
+    gpt41 = b.models["gpt-4.1"]
+    assert (gpt41.input_per_mtok, gpt41.output_per_mtok, gpt41.cached_input_per_mtok) == (
+        2.0,
+        8.0,
+        None,
+    )
+    assert b.input_per_mtok is b.output_per_mtok is b.models["gpt-4.1-mini"].input_per_mtok is None
+    assert (a.input_per_mtok, a.output_per_mtok) == (0.4, 1.6)
     assert b.max_concurrency == 8
     assert settings.canonical("gpt4") == "gpt-4.1"
     assert settings.canonical("gpt-4.1") == "gpt-4.1"
