@@ -154,7 +154,7 @@ class EndpointModel(_Strict):
     Azure deployment, a self-hosted copy of a listed model)."""
     price_provider: str | None = Field(default=None, pattern=_NAME)
     """The catalogue's provider to price the model at (``openai``, ``anthropic``,
-    ``azure``, ``groq``, …), when the endpoint's kind and host do not say it."""
+    ``azure``, ``groq``, …), before the endpoint's."""
 
 
 class EndpointSettings(_Strict):
@@ -210,6 +210,10 @@ class EndpointSettings(_Strict):
     cached_input_per_mtok: float | None = Field(default=None, ge=0)
     cache_write_per_mtok: float | None = Field(default=None, ge=0)
     output_per_mtok: float | None = Field(default=None, ge=0)
+    price_provider: str | None = Field(default=None, pattern=_NAME)
+    """The price catalogue's provider whose list prices apply to this endpoint's
+    models (a relay in front of OpenAI: ``"openai"``); unset, its kind's or its
+    host's, else none (a self-hosted server is not looked up)."""
     timeout_s: float = Field(default=600.0, gt=0, le=3600)
     """Upper bound of one attempt, whatever the deadline."""
 

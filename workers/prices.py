@@ -7,13 +7,13 @@ place that has it:
 
 1. the model's entry at the endpoint (``endpoints.N.models.X.input_per_mtok``, …),
 2. the endpoint (``endpoints.N.input_per_mtok``, …): negotiated rates,
-3. the price catalogue (:mod:`workers.price_catalogue`: list prices), for the
-   endpoint's provider (its kind, or its host if the catalogue lists it) or
-   the one the model entry names (``price_provider``), under the model's
-   ``price_model`` or else its ``upstream`` name. An endpoint of no known
-   provider (a vLLM server, a local relay) is looked up only when its model
-   entry names a ``price_model``: a self-hosted Llama is not billed at a
-   provider's list price;
+3. the price catalogue (:mod:`workers.price_catalogue`: list prices), under
+   the model's ``price_model`` or else its ``upstream`` name, for the provider
+   the model entry or else the endpoint names (``price_provider``), else the
+   endpoint's own (its kind's, or its host's if the catalogue lists it). An
+   endpoint of no known provider (a vLLM server, an unnamed relay) is looked
+   up only for a model entry with a ``price_model``: a self-hosted Llama is
+   not billed at a provider's list price;
 4. else cached input and cache writes cost what input costs, and input and
    output cost 0 — with a warning when nothing at all was found.
 
@@ -179,7 +179,11 @@ def _listed(
 ) -> tuple[Listed | None, str]:
     """The catalogue's entry for the model, or why there is none."""
     name = entry.price_model or entry.upstream
-    provider = entry.price_provider or catalogue.provider(endpoint.kind, endpoint.base_url)
+    provider = (
+        entry.price_provider
+        or endpoint.price_provider
+        or catalogue.provider(endpoint.kind, endpoint.base_url)
+    )
     if provider is None and entry.price_model is None:
         return None, (
             f"{endpoint.base_url} is no provider host {catalogue.label} lists,"

@@ -9,12 +9,15 @@ the catalogue's list prices and compared with genai-prices' own calculation.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from genai_prices import Usage, calc_price
 
 from schemas.codec import Job
@@ -124,6 +127,16 @@ def test_price_model_names_the_catalogue_entry_and_price_provider_its_provider()
     assert "or price_model" not in p.warning  # it is set: the hint is the prices
     model = {"upstream": "claude-x", "price_provider": "anthropic"}
     assert price(catalogue, **vllm, models={"m": model}).rates(1).cache_write == 3.75
+
+
+def test_a_relay_names_the_provider_whose_list_prices_apply() -> None:
+    catalogue = FakeCatalogue()
+    relay = {"base_url": "http://relay.internal/v1", "price_provider": "openai"}
+    assert price(catalogue, **relay).rates(1).input == 2.0
+    assert catalogue.asked == [("openai", "gpt-x")]
+    # A model entry's provider comes before the endpoint's.
+    claude = {"upstream": "claude-x", "price_provider": "anthropic"}
+    assert price(catalogue, **relay, models={"m": claude}).rates(1).input == 3.0
 
 
 def test_an_embedding_model_bills_input_only() -> None:
@@ -296,6 +309,44 @@ print(attempts, updates._shared_updater.thread, threading.active_count())
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == ["[]", "None", "1"]
+
+
+# ---- the shipped examples -------------------------------------------------
+
+
+def shipped_configs() -> dict[str, dict[str, Any]]:
+    """Every configuration the repository ships or documents, as TOML data."""
+    configs = {
+        name: tomllib.loads((ROOT / name).read_text(encoding="utf-8"))
+        for name in (
+            "llmq_cli/demo.toml",
+            "deploy/demo/llmq.example.toml",
+            "deploy/compose/llmq.toml",
+        )
+    }
+    configmap = yaml.safe_load((ROOT / "deploy/k8s/configmap.yaml").read_text(encoding="utf-8"))
+    configs["deploy/k8s/configmap.yaml"] = tomllib.loads(configmap["data"]["llmq.toml"])
+    doc = (ROOT / "docs/configuration.md").read_text(encoding="utf-8")
+    for i, block in enumerate(re.findall(r"```toml\n(.*?)```", doc, re.S)):
+        if "[[endpoints]]" in block:  # a whole configuration, not a fragment
+            configs[f"docs/configuration.md #{i}"] = tomllib.loads(block)
+    return configs
+
+
+@pytest.mark.parametrize(("name", "data"), list(shipped_configs().items()))
+def test_the_shipped_examples_price_real_models_at_their_list_prices(
+    name: str, data: dict[str, Any]
+) -> None:
+    """No shipped model goes unpriced, and none is priced at another's list price
+    by hand (gpt-4.1-mini was priced at gpt-4.1's $2/$8 per million)."""
+    settings = Settings(endpoints=data["endpoints"], models=data.get("models", {}))
+    prices = list(PriceBook(settings, bundled()))
+    assert prices and [p.warning for p in prices] == [None] * len(prices)
+    for p in prices:
+        if p.model == "gpt-4.1-mini" and p.rates(1).input:  # 0: served self-hosted
+            assert (p.rates(1).input, p.rates(1).output) == (0.4, 1.6), p.describe()
+        if "config" not in p.source:
+            assert p.source.startswith("catalogue genai-prices "), p.describe()
 
 
 # ---- the spend gate -------------------------------------------------------
