@@ -18,8 +18,10 @@ from typing import Any
 
 import pytest
 import yaml
+from click.testing import CliRunner
 from genai_prices import Usage, calc_price
 
+from llmq_cli.prices import prices_command
 from schemas.codec import Job
 from schemas.settings import EndpointSettings, Settings
 from workers.attempts import Served
@@ -388,3 +390,42 @@ def test_the_spend_gate_charges_what_the_provider_bills_and_reserves_the_dearest
     cost = gate.after(hold, job, Served(reply, "claude", "haiku", 1, False, 1.0))
     assert cost == pytest.approx(0.0119)  # as by hand above, not 10000 × 1 + 1000 × 5
     assert [e.cost_usd for e in events if isinstance(e, Spent)] == [cost]
+
+
+# ---- llmq prices ----------------------------------------------------------
+
+
+def test_llmq_prices_shows_each_price_and_its_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LLMQ_CONFIG", raising=False)
+    config = tmp_path / "llmq.toml"
+    config.write_text(
+        """
+[[endpoints]]
+name = "openai"
+base_url = "https://api.openai.com/v1"
+models = ["gpt-4.1-mini"]
+
+[[endpoints]]
+name = "local"
+base_url = "http://127.0.0.1:8000/v1"
+models = ["llama"]
+""",
+        encoding="utf-8",
+    )
+    result = CliRunner().invoke(prices_command, ["--config", str(config)])
+    lines = result.stdout.splitlines()
+    assert lines[0].split("\t") == [
+        "endpoint/model",
+        "input",
+        "cached input",
+        "cache write",
+        "output",
+        "source",
+    ]
+    assert lines[1].split("\t")[:5] == ["openai/gpt-4.1-mini", "0.4", "0.1", "0.4", "1.6"]
+    assert lines[1].endswith("catalogue genai-prices 0.2.5: openai gpt-4.1-mini")
+    assert lines[2].split("\t") == ["local/llama", "0", "0", "0", "0", "none"]
+    assert "no price for model llama at endpoint local" in result.stderr
+    assert result.exit_code == 1
