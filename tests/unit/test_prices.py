@@ -16,6 +16,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -23,12 +24,13 @@ from genai_prices import Usage, calc_price
 
 from llmq_cli.prices import prices_command
 from schemas.codec import Job
+from schemas.contract import JobKind
 from schemas.settings import EndpointSettings, Settings
 from workers.attempts import Served
 from workers.events import Event, Spent
 from workers.price_catalogue import bundled
 from workers.prices import Listed, Price, PriceBook, Rates, decide
-from workers.providers import UpstreamReply
+from workers.providers import adapter_for
 from workers.spend_gate import SpendGate
 from workers.spend_limits import SpendLimits
 
@@ -354,27 +356,13 @@ def test_the_shipped_examples_price_real_models_at_their_list_prices(
 # ---- the spend gate -------------------------------------------------------
 
 
-def test_the_spend_gate_charges_what_the_provider_bills_and_reserves_the_dearest() -> None:
-    settings = Settings(
-        endpoints=[
-            {
-                "name": "claude",
-                "kind": "anthropic",
-                "base_url": "https://api.anthropic.com",
-                "models": {"haiku": "claude-haiku-4-5"},
-            }
-        ],
-        budgets={"models": {"haiku": {"monthly_usd": 100, "hard_cap": True}}},
-    )
-    events: list[Event] = []
-    limits = SpendLimits(settings.budgets, origin="w")
-    gate = SpendGate(settings, limits, default_max_tokens=1000, hook=events.append)
-    job = Job(
+def _job(model: str) -> Job:
+    return Job(
         job_id="j",
         correlation_id="j",
         reply_to=None,
         sla_class="interactive",
-        model="haiku",
+        model=model,
         body={},
         output_cap=100,
         prompt_chars=10,
@@ -382,14 +370,95 @@ def test_the_spend_gate_charges_what_the_provider_bills_and_reserves_the_dearest
         deadline_ms=1,
         body_bytes=1000,
     )
-    hold = gate.before(job, "haiku")
+
+
+def _gate(endpoint: dict[str, Any], events: list[Event]) -> SpendGate:
+    settings = Settings(
+        endpoints=[endpoint],
+        budgets={"models": {"m": {"monthly_usd": 100, "hard_cap": True}}},
+    )
+    limits = SpendLimits(settings.budgets, origin="w")
+    return SpendGate(settings, limits, default_max_tokens=1000, hook=events.append)
+
+
+CHAT = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}]}
+OPENAI_USAGE = {
+    "prompt_tokens": 10_000,
+    "completion_tokens": 1_000,
+    "prompt_tokens_details": {"cached_tokens": 4_000},
+}
+ANSWERS = [
+    # The provider's answer as its API reference shows it, decoded by llmq's
+    # adapter, then charged: the cost checked by hand above.
+    pytest.param(
+        {"base_url": "https://api.openai.com/v1", "models": {"m": "gpt-4.1-mini"}},
+        {"object": "chat.completion", **CHAT, "usage": OPENAI_USAGE},
+        0.0044,
+        id="openai gpt-4.1-mini",
+    ),
+    pytest.param(
+        {
+            "kind": "anthropic",
+            "base_url": "https://api.anthropic.com",
+            "models": {"m": "claude-haiku-4-5"},
+        },
+        {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-haiku-4-5",
+            "content": [{"type": "text", "text": "hi"}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {
+                "input_tokens": 4_000,
+                "cache_creation_input_tokens": 2_000,
+                "cache_read_input_tokens": 4_000,
+                "output_tokens": 1_000,
+            },
+        },
+        0.0119,
+        id="anthropic claude-haiku-4-5",
+    ),
+    pytest.param(
+        {
+            "kind": "azure",
+            "api_version": "2024-10-21",
+            "base_url": "https://res.openai.azure.com",
+            "models": {"m": {"upstream": "prod-4o", "price_model": "gpt-4o"}},
+        },
+        {"object": "chat.completion", **CHAT, "usage": OPENAI_USAGE},
+        0.03,
+        id="azure deployment of gpt-4o",
+    ),
+]
+
+
+@pytest.mark.parametrize(("spec", "answer", "usd"), ANSWERS)
+def test_the_spend_gate_charges_an_answer_as_its_provider_bills_it(
+    spec: dict[str, Any], answer: dict[str, Any], usd: float
+) -> None:
+    events: list[Event] = []
+    gate = _gate({"name": "e", **spec}, events)
+    settings_endpoint = EndpointSettings.model_validate({"name": "e", **spec})
+    reply = adapter_for(settings_endpoint).answer(
+        JobKind.CHAT, 200, {}, orjson.dumps(answer), now=0.0
+    )
+    hold = gate.before(_job("m"), "m")
     assert not isinstance(hold, str)
-    # 1000 prompt tokens at the dearest input price (a cache write, 1.25) + 100 × 5.
-    assert hold.amount_usd == pytest.approx((1000 * 1.25 + 100 * 5.0) / 1e6)
-    reply = UpstreamReply({}, 10_000, 1_000, cached_tokens=4_000, cache_write_tokens=2_000)
-    cost = gate.after(hold, job, Served(reply, "claude", "haiku", 1, False, 1.0))
-    assert cost == pytest.approx(0.0119)  # as by hand above, not 10000 × 1 + 1000 × 5
+    cost = gate.after(hold, _job("m"), Served(reply, "e", "m", 1, False, 1.0))
+    assert cost == pytest.approx(usd, abs=1e-12)
     assert [e.cost_usd for e in events if isinstance(e, Spent)] == [cost]
+
+
+def test_the_reservation_prices_every_input_token_at_the_dearest_input_price() -> None:
+    spec = {"kind": "anthropic", "base_url": "https://api.anthropic.com"}
+    gate = _gate({"name": "e", **spec, "models": {"m": "claude-haiku-4-5"}}, [])
+    hold = gate.before(_job("m"), "m")
+    assert not isinstance(hold, str)
+    # 1000 body bytes bound 1000 prompt tokens, each at most a cache write (1.25),
+    # and 100 output tokens at 5.
+    assert hold.amount_usd == pytest.approx((1000 * 1.25 + 100 * 5.0) / 1e6)
 
 
 # ---- llmq prices ----------------------------------------------------------
