@@ -27,9 +27,10 @@ import orjson
 
 from workers.fleet import anthropic_checks as checks
 from workers.fleet.anthropic_checks import Invalid
-from workers.fleet.wire import Refusal, completion_text
+from workers.fleet.wire import Dialect, Refusal, completion_text
 
 __all__ = [
+    "DIALECT",
     "MAX_OUTPUT_TOKENS",
     "MessagesCall",
     "check_headers",
@@ -72,6 +73,19 @@ def error_body(status: int, message: str) -> bytes:
     """``{"type": "error", "error": {"type", "message"}, "request_id"}``."""
     error = {"type": error_type(status), "message": message}
     return orjson.dumps({"type": "error", "error": error, "request_id": "req_fleet"})
+
+
+_TOO_MANY = {
+    "rate_limit_rate": "This request would exceed the rate limit for your organization"
+    " (fleet: rate_limit_rate).",
+    "capacity": "Too many concurrent requests (fleet: capacity).",
+}
+DIALECT = Dialect(
+    too_many=lambda reason: error_body(429, _TOO_MANY[reason]),
+    completion=orjson.dumps,  # unused: Messages answers are made by message_body
+    error=error_body,
+)
+"""Anthropic's words for the fleet's 429s and ``error_rate`` answers (529: overloaded)."""
 
 
 def _refuse(message: str, status: int = 400) -> Refusal:

@@ -130,12 +130,15 @@ class Endpoint(_Strict):
     """One fake upstream: its port, models, latency and fault rates."""
 
     name: str = Field(pattern=_NAME)
-    kind: Literal["openai", "azure"] = "openai"
+    kind: Literal["openai", "azure", "anthropic"] = "openai"
     """The provider it fakes: ``openai`` serves ``/v1/chat/completions`` and
     ``/v1/embeddings`` behind ``Authorization: Bearer``; ``azure`` serves
     ``/openai/deployments/{model}/chat/completions?api-version=...`` (and
     ``/embeddings``) behind an ``api-key`` header (or an Entra ID bearer
-    token), with Azure's error shapes."""
+    token), with Azure's error shapes; ``anthropic`` serves ``/v1/messages``
+    behind ``x-api-key`` and ``anthropic-version``, as strict as Anthropic's
+    reference (workers/fleet/anthropic_wire.py), with its error shapes
+    (``error_status = 529`` is ``overloaded_error``) and prompt caching."""
     port: int = Field(default=0, ge=0, le=65535)
     """0 picks a free port at start (tests); fixed ports suit the demo."""
     models: tuple[str, ...] = Field(min_length=1)

@@ -22,7 +22,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from workers.fleet import anthropic_wire as anthropic
 from workers.fleet import azure_wire as azure
+from workers.fleet.anthropic_wire import MessagesCall
 from workers.fleet.plan import Outcome, Plan, plan_request
 from workers.fleet.scenario import Endpoint
 from workers.fleet.stats import EndpointStats
@@ -71,7 +73,8 @@ class Seen:
 _OPENAI_POSTS: dict[str, Callable[[bytes, tuple[str, ...]], ChatCall | EmbeddingCall | Refusal]]
 _OPENAI_POSTS = {"/v1/chat/completions": parse_chat, "/v1/embeddings": parse_embeddings}
 _BASE_PATH = {"openai": "/v1"}
-"""What a client's base URL adds to ``http://host:port``, per kind (azure: nothing)."""
+"""What a client's base URL adds to ``http://host:port``, per kind (azure and
+anthropic: nothing; Anthropic's base URL is the API root)."""
 
 
 class EndpointServer:
@@ -108,10 +111,12 @@ class EndpointServer:
         self._listener: asyncio.Server | None = None
         self._opened = False
         self._running: set[asyncio.Task[Any]] = set()
+        self._cached: set[str] = set()  # anthropic prompt-cache prefixes written so far
         self.seen: deque[Seen] | None = deque(maxlen=endpoint.record) if endpoint.record else None
         kinds: dict[str, Callable[[web.BaseRequest], Awaitable[web.StreamResponse | None]]] = {
             "openai": self.serve_openai,
             "azure": self.serve_azure,
+            "anthropic": self.serve_anthropic,
         }
         self._serve_kind = kinds[endpoint.kind]
 
@@ -128,7 +133,7 @@ class EndpointServer:
     @property
     def url(self) -> str:
         """The base URL clients configure: ``http://host:port/v1`` for openai,
-        the resource root ``http://host:port`` for azure."""
+        the root ``http://host:port`` for azure and anthropic."""
         return f"http://{self.host}:{self.port}{_BASE_PATH.get(self.endpoint.kind, '')}"
 
     async def open(self) -> None:
@@ -256,6 +261,34 @@ class EndpointServer:
         dialect = azure.dialect(operation, str(version), self.endpoint.retry_after_s)
         return await self._call(request, call, dialect)
 
+    async def serve_anthropic(self, request: web.BaseRequest) -> web.StreamResponse | None:
+        """Anthropic's Messages API: the headers, then the request as strictly as Anthropic."""
+        if request.path != "/v1/messages" or request.method != "POST":
+            return None
+        self.stats.requests += 1
+        refused = anthropic.check_headers(request.headers, self._key, self.endpoint.echo_key)
+        call = refused or anthropic.parse_messages(await request.read(), self.endpoint.models)
+        return await self._call(request, call, anthropic.DIALECT)
+
+    def _message(self, call: MessagesCall, plan: Plan, seq: int) -> bytes:
+        """A Messages answer; a cache prefix is written the first time, read after."""
+        read = write = 0
+        if call.cache_prefix in self._cached:
+            read = call.cache_tokens
+        elif call.cache_prefix is not None:
+            write = call.cache_tokens
+            self._cached.add(call.cache_prefix)
+        return anthropic.message_body(
+            call,
+            endpoint=self.endpoint.name,
+            seq=seq,
+            output_tokens=plan.completion_tokens,
+            truncated=plan.finish_reason == "length",
+            usage=plan.usage,
+            cache_read=read,
+            cache_write=write,
+        )
+
     def _azure_key_ok(self, request: web.BaseRequest) -> bool:
         """An ``api-key`` header, or the same secret as an Entra ID bearer token."""
         if self._key is None:
@@ -286,14 +319,14 @@ class EndpointServer:
     async def _call(
         self,
         request: web.BaseRequest,
-        call: ChatCall | EmbeddingCall | Refusal,
+        call: ChatCall | EmbeddingCall | MessagesCall | Refusal,
         dialect: Dialect,
     ) -> web.StreamResponse:
         """A checked request through the endpoint's faults, capacity and latency."""
         if isinstance(call, Refusal):
             return self._answer(call.status, call.body)
         stats = self.stats
-        if isinstance(call, ChatCall):
+        if isinstance(call, ChatCall | MessagesCall):
             plan = plan_request(self.endpoint, self._rng, self._clock(), call.max_tokens)
         else:
             plan = plan_request(self.endpoint, self._rng, self._clock(), input_tokens=call.tokens)
@@ -339,7 +372,7 @@ class EndpointServer:
     async def _serve(
         self,
         request: web.BaseRequest,
-        call: ChatCall | EmbeddingCall,
+        call: ChatCall | EmbeddingCall | MessagesCall,
         plan: Plan,
         seq: int,
         dialect: Dialect,
@@ -356,11 +389,14 @@ class EndpointServer:
             await asyncio.sleep(plan.delay_s)
         if plan.outcome is Outcome.ERROR:
             message = "The server had an error while processing your request. (fleet: error_rate)"
-            return self._answer(self.endpoint.error_status, error_body(message, "server_error"))
+            status = self.endpoint.error_status
+            return self._answer(status, dialect.error(status, message))
         if plan.outcome is Outcome.MALFORMED:
             return self._answer(200, MALFORMED_BODY)
         if isinstance(call, EmbeddingCall):
             body = embeddings_body(call, usage=plan.usage)
+        elif isinstance(call, MessagesCall):
+            body = self._message(call, plan, seq)
         else:
             body = dialect.completion(
                 completion_dict(

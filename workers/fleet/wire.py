@@ -142,6 +142,10 @@ class Dialect:
     """The 429 body, given the fleet's reason (``rate_limit_rate`` or ``capacity``)."""
     completion: Callable[[dict[str, Any]], bytes]
     """A chat completion's body, from its OpenAI shape (:func:`completion_dict`)."""
+    error: Callable[[int, str], bytes] = lambda _status, message: error_body(
+        message, "server_error"
+    )
+    """The body of an ``error_rate`` answer, given its status and the fleet's message."""
 
 
 _TOO_MANY = {
