@@ -106,22 +106,32 @@ def read_reply(name: str, kind: JobKind, raw: bytes) -> UpstreamReply:
         raise UpstreamFailure(
             FailureKind.MALFORMED, f"{name}: response is not JSON", status=200
         ) from None
-    if not isinstance(body, dict):
+    if type(body) is not dict:
         raise UpstreamFailure(
             FailureKind.MALFORMED, f"{name}: response is not an object", status=200
         )
     usage = body.get("usage")
-    if not isinstance(usage, dict):
-        usage = {}
-    if kind is JobKind.EMBEDDING:
+    if type(usage) is not dict:
+        usage = _NO_USAGE
+    if kind is _EMBEDDING:
         return _embeddings(name, body, usage)
-    if not isinstance(body.get("choices"), list):
+    if type(body.get("choices")) is not list:
         raise UpstreamFailure(FailureKind.MALFORMED, f"{name}: response has no choices", status=200)
+    # The hot path of every chat job: exact type checks, no helper calls for the
+    # common answer (three non-negative ints), as cheap as before adapters existed.
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
     details = usage.get("prompt_tokens_details")
-    cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else None
+    cached = details.get("cached_tokens") if type(details) is dict else None
     return UpstreamReply(
-        body, _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")), cached
+        body,
+        prompt if type(prompt) is int and prompt >= 0 else None,
+        completion if type(completion) is int and completion >= 0 else None,
+        cached if type(cached) is int and cached >= 0 else None,
     )
+
+
+_NO_USAGE: dict[str, Any] = {}
+_EMBEDDING = JobKind.EMBEDDING
 
 
 def _embeddings(name: str, body: dict[str, Any], usage: dict[str, Any]) -> UpstreamReply:
