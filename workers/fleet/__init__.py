@@ -1,9 +1,10 @@
-"""A fake fleet of OpenAI-compatible upstreams for the demo, tests and benchmarks.
+"""A fake fleet of upstreams for the demo, tests and benchmarks.
 
-Each endpoint of a scenario listens on its own loopback port and answers
-``POST /v1/chat/completions`` with seeded latency, lengths and faults (5xx,
-429, hangs, malformed bodies, missing usage, slow bodies, refused
-connections). docs/fleet.md describes the scenario format; the shipped
+Each endpoint of a scenario listens on its own loopback port and speaks its
+``kind``'s wire format (OpenAI's ``/v1/chat/completions`` and ``/v1/embeddings``
+by default; Azure OpenAI's deployment paths; Anthropic's ``/v1/messages``) with
+seeded latency, lengths and faults (5xx, 429, hangs, malformed bodies, missing
+usage, slow bodies, refused connections). docs/fleet.md describes the scenario format; the shipped
 scenarios are package data (``shipped_scenarios``, ``scenario_file``).
 """
 
