@@ -13,7 +13,7 @@ from llmq_cli.probe import probe_command
 from llmq_cli.status import status_command
 from producers.deadletters.command import dlq_group
 from producers.gateway import gateway_command
-from producers.submit import submit_command
+from producers.submit_command import submit_command
 from schemas.broker.connection import open_connection
 from schemas.settings import ConfigError, Settings, load_settings
 from workers.command import worker_command

@@ -18,7 +18,8 @@ import pytest
 from click.testing import CliRunner, Result
 from harness import chat, running_fleet
 
-from producers.submit import run_submit, submit_command
+from producers.submit import run_submit
+from producers.submit_command import submit_command
 from schemas.broker.topology import apply_topology
 from schemas.settings import Settings
 from schemas.topology import plan
@@ -245,5 +246,21 @@ async def test_backpressure_gives_up_after_bounded_tries(make_env: Any) -> None:
             backpressure_tries=3,
             backpressure_base_s=0.01,
         )
-    assert summary.submitted == 0 and summary.not_submitted == {"backpressure": 2}
+    assert summary.submitted == 0 and summary.not_submitted == {"over_capacity": 2}
     assert summary.backpressure == 6
+
+
+async def test_a_job_without_a_reply_ends_deadline_exceeded_with_its_reason(make_env: Any) -> None:
+    """No worker: --wait writes a record with a code of the closed set (not no_reply),
+    the reason kept beside it, counted in the summary by that code; exit status 1."""
+    async with make_env() as env:
+        out = env.tmp / "replies.jsonl"
+        result = await submit(
+            env, "--model", "m1", "--prompt", "hi", "--wait", "--sla-ms", "50", "--out", str(out)
+        )
+    assert result.exit_code == 1, result.output
+    [record] = lines(out.read_text())
+    assert record["status"] == "error"
+    assert record["error"]["code"] == "deadline_exceeded"
+    assert (record["error"]["reason"], record["error"]["retriable"]) == ("no_reply", True)
+    assert "deadline_exceeded=1" in result.stderr
