@@ -9,6 +9,7 @@ import asyncio
 import click
 
 from llmq_cli.demo import demo_command
+from llmq_cli.prices import prices_command
 from llmq_cli.probe import probe_command
 from llmq_cli.status import status_command
 from producers.deadletters.command import dlq_group
@@ -96,5 +97,6 @@ for _command in (
     dlq_group,
     status_command,
     probe_command,
+    prices_command,
 ):
     main.add_command(_command)

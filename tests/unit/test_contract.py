@@ -237,6 +237,7 @@ def test_contract_constants() -> None:
         "traceparent",
         "replay-count",
         "schema-version",
+        "kind",
     }
     assert set(names(DEAD_HEADERS).values()) == {
         "error-code",
