@@ -1,9 +1,10 @@
 """``llmq gateway``: an OpenAI-compatible HTTP front door to llmq.
 
-``POST /v1/chat/completions`` publishes the request body as a job with one
-shared :class:`~producers.client.LlmqClient` and waits for its reply within
-the SLA; ``GET /v1/models`` lists the routable models; ``/healthz`` and
-``/readyz`` are probes; ``/metrics`` is served on its own port
+``POST /v1/chat/completions`` and ``POST /v1/embeddings`` publish the request
+body as a job (of kind ``chat`` or ``embedding``) with one shared
+:class:`~producers.client.LlmqClient` and wait for its reply within the SLA;
+``GET /v1/models`` lists the routable models; ``/healthz`` and ``/readyz`` are
+probes; ``/metrics`` is served on its own port
 (``gateway.metrics_port``), never to the callers. What each request means —
 keys, headers, statuses, error bodies — is decided in
 :mod:`producers.gateway_core` and :mod:`producers.gateway_keys`; how long a
@@ -47,6 +48,7 @@ from producers.gateway_keys import KeyRing, scoped_job_id
 from producers.gateway_metrics import GatewayMetrics
 from producers.gateway_server import ConnectionLimits, GatewaySite, raise_fd_limit
 from schemas import event_loop
+from schemas.contract import JobKind
 from schemas.errors import ErrorCode
 from schemas.exposition import MetricsServer, new_registry
 from schemas.secrets import redact, redact_url, url_secrets
@@ -112,6 +114,7 @@ def make_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_broker)
     app.cleanup_ctx.append(_metrics)  # after the broker: nothing to undo when it fails
     app.router.add_post("/v1/chat/completions", _chat_completions)
+    app.router.add_post("/v1/embeddings", _embeddings)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -258,6 +261,15 @@ def _bad_request(message: str) -> web.Response:
 
 
 async def _chat_completions(request: web.Request) -> web.Response:
+    return await _job(request, JobKind.CHAT)
+
+
+async def _embeddings(request: web.Request) -> web.Response:
+    return await _job(request, JobKind.EMBEDDING)
+
+
+async def _job(request: web.Request, kind: JobKind) -> web.Response:
+    """One request, one job of ``kind``: the worker validates its body."""
     state = request.app[_STATE]
     gw = state.settings.gateway
     if request.content_length is not None and request.content_length > gw.max_body_bytes:
@@ -303,6 +315,7 @@ async def _chat_completions(request: web.Request) -> web.Response:
             sla_class=gw.sla_class,
             tenant=options.tenant,
             traceparent=options.traceparent,
+            kind=kind,
         )
     except LlmqError as exc:
         return _respond(answer_for_error(exc, job_id, request_id=request_id))

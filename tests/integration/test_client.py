@@ -13,7 +13,13 @@ import pytest
 from harness import running_fleet
 
 from producers.client import LlmqClient
-from producers.errors import Backpressure, UnknownModel, Unroutable, UpstreamError
+from producers.errors import (
+    Backpressure,
+    InvalidRequest,
+    UnknownModel,
+    Unroutable,
+    UpstreamError,
+)
 from schemas.settings import Settings
 from workers.service import Worker
 
@@ -182,3 +188,34 @@ async def test_the_reply_queue_is_legal_on_rabbitmq_4_3_and_expires(
             [row] = [r for r in rows if r[0] == client.reply_queue]
     assert row[1:3] == ["true", "false"]
     assert "x-expires" in row[3]
+
+
+async def test_embed_returns_the_embeddings_and_refuses_the_other_kind(
+    make_settings: Callable[..., Settings],
+) -> None:
+    """LlmqClient.embed runs an embedding job; a chat model cannot take one, nor an
+    embedding model a chat job (both invalid_request, before any upstream call)."""
+    async with running_fleet(
+        {"name": "chat", "models": ["m1"]}, {"name": "emb", "models": ["e1"]}
+    ) as fleet:
+        key = {"api_key_env": "LLMQ_TEST_FLEET_KEY"}
+        endpoints = [
+            {"name": "chat", "base_url": fleet.url("chat"), "models": ["m1"], **key},
+            {
+                "name": "emb",
+                "base_url": fleet.url("emb"),
+                "models": {"e1": {"upstream": "e1", "kind": "embedding"}},
+                **key,
+            },
+        ]
+        settings = make_settings(fleet, endpoints=endpoints)
+        async with worker_for(settings), client_for(settings) as client:
+            response = await client.embed("e1", ["one", "two"], sla_ms=5000)
+            assert response["object"] == "list"
+            assert [d["index"] for d in response["data"]] == [0, 1]
+            assert response["usage"]["prompt_tokens"] >= 2
+            with pytest.raises(InvalidRequest, match="chat model"):
+                await client.embed("m1", "hello", sla_ms=5000)
+            with pytest.raises(InvalidRequest, match="embedding model"):
+                await client.complete("e1", MESSAGES, sla_ms=5000)
+        assert fleet.stats()["chat"].requests == 0

@@ -353,3 +353,37 @@ async def test_broker_outage_is_503_and_readyz_follows_the_connection(
     assert down.value.status_code == 503 and down.value.code == "broker_unavailable"
     assert down.value.response.headers["Retry-After"] == "1"
     assert after.choices[0].message.content
+
+
+async def test_embeddings_through_the_sdk(settings_for: Callable[..., Settings]) -> None:
+    """POST /v1/embeddings is a job of kind embedding: the SDK (sync and async) gets
+    OpenAI's list; a chat model asked for embeddings is a 400, nothing is called."""
+    async with running_fleet(
+        {"name": "chat", "models": ["m1"]}, {"name": "emb", "models": ["e1"]}
+    ) as fleet:
+        key = {"api_key_env": "LLMQ_TEST_FLEET_KEY"}
+        endpoints = [
+            {"name": "chat", "base_url": fleet.url("chat"), "models": ["m1"], **key},
+            {
+                "name": "emb",
+                "base_url": fleet.url("emb"),
+                "models": {"e1": {"upstream": "e1", "kind": "embedding"}},
+                **key,
+            },
+        ]
+        settings = settings_for(fleet, endpoints=endpoints)
+        async with gateway(settings) as url:
+            async with sdk(url) as client:
+                result = await client.embeddings.create(model="e1", input=["a b", "c"])
+                with pytest.raises(openai.BadRequestError) as refused:
+                    await client.embeddings.create(model="m1", input="hello")
+            with sync_sdk(url) as blocking:
+                one = await asyncio.to_thread(
+                    blocking.embeddings.create, model="e1", input="hello", dimensions=8
+                )
+    assert [d.index for d in result.data] == [0, 1]
+    assert all(len(d.embedding) == 8 for d in result.data)
+    assert result.usage.prompt_tokens >= 2
+    assert len(one.data) == 1
+    assert refused.value.code == "invalid_request"
+    assert fleet.stats()["chat"].requests == 0
