@@ -31,6 +31,7 @@ import orjson
 from producers.quantiles import nearest_rank
 from schemas import event_loop
 from schemas.broker.connection import open_connection
+from schemas.contract import JobKind
 from schemas.settings import ConfigError, Settings, load_settings
 
 __all__ = ["demo_command", "run_demo", "summarise"]
@@ -95,6 +96,19 @@ def summarise(
         "p99_ms": _round(nearest_rank(all_lat, 0.99)),
         "endpoints": endpoints,
     }
+
+
+def _pick_model(draw: float) -> tuple[str, JobKind]:
+    """The demo's mix: mostly gpt-4.1-mini, some gpt-4.1 (alias gpt4; served by the
+    OpenAI-style endpoints and Azure), some Claude (native Messages API) and some
+    embeddings."""
+    if draw < 0.65:
+        return "gpt-4.1-mini", JobKind.CHAT
+    if draw < 0.8:
+        return "gpt4", JobKind.CHAT
+    if draw < 0.9:
+        return "claude-haiku", JobKind.CHAT
+    return "text-embedding-3-small", JobKind.EMBEDDING
 
 
 def _severity(state: str) -> int:
@@ -186,17 +200,22 @@ async def run_demo(
 
                 async def one(i: int) -> None:
                     job_id = f"{run}{i}"
-                    model = "gpt-4.1-mini" if rng.random() < 0.8 else "gpt4"
+                    model, kind = _pick_model(rng.random())
                     if i < bad:
-                        model = "no-such-model"
-                    body = {
-                        "model": model,
-                        "messages": [{"role": "user", "content": rng.choice(_PROMPTS)}],
-                        "max_tokens": rng.choice((32, 64, 128, 256)),
-                    }
+                        model, kind = "no-such-model", JobKind.CHAT
+                    prompt = rng.choice(_PROMPTS)
+                    body: dict[str, Any] = (
+                        {"model": model, "input": [prompt, prompt[::-1]]}
+                        if kind is JobKind.EMBEDDING
+                        else {
+                            "model": model,
+                            "messages": [{"role": "user", "content": prompt}],
+                            "max_tokens": rng.choice((32, 64, 128, 256)),
+                        }
+                    )
                     started = time.monotonic()
                     with contextlib.suppress(Exception):
-                        replies[job_id] = await client.call(body, job_id=job_id)
+                        replies[job_id] = await client.call(body, job_id=job_id, kind=kind)
                         latencies[job_id] = (time.monotonic() - started) * 1000
                     progress.advance(bar)
 

@@ -47,9 +47,11 @@ def test_shipped_scenarios_load(name: str) -> None:
 
 
 def test_demo_has_the_promised_shape() -> None:
-    """Four endpoints on 18101-18104, one with 5xx, one with a repeating spike."""
+    """Seven endpoints on 18101-18107, one with 5xx, one with a repeating spike, and
+    every provider kind (the demo mixes them: issue 16)."""
     scenario = load_scenario(SCENARIOS / "demo.toml")
-    assert [e.port for e in scenario.endpoints] == [18101, 18102, 18103, 18104]
+    assert [e.port for e in scenario.endpoints] == list(range(18101, 18108))
+    assert {e.kind for e in scenario.endpoints} == {"openai", "azure", "anthropic"}
     assert any(e.error_rate > 0 for e in scenario.endpoints)
     assert any(w.every_s for e in scenario.endpoints for w in e.windows)
     assert scenario.key_for(scenario.endpoints[0]) == "sk-fleet-demo"
