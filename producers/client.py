@@ -1,6 +1,7 @@
 """``LlmqClient``: submit jobs and wait for their replies.
 
-RPC over one exclusive reply queue per client: each job's correlation id
+RPC over one reply queue per client (durable, not exclusive, expiring when
+unused, so it outlives a dropped connection): each job's correlation id
 maps to a future; unknown, late and duplicate replies are ignored. Every
 publish waits for the broker's confirm: a nack (the work queue is full) is
 :class:`Backpressure`, a returned message :class:`Unroutable`; a publish cut
