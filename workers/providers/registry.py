@@ -20,7 +20,7 @@ def adapter_for(endpoint: EndpointSettings) -> Adapter:
     if endpoint.kind == "azure":
         return AzureAdapter(endpoint)
     if endpoint.kind == "anthropic":
-        # --- the slot of kind "anthropic": imported only by endpoints that use it ---
+        # Imported only where an endpoint uses it: most installs never load it.
         from workers.providers.anthropic import AnthropicAdapter
 
         return AnthropicAdapter(endpoint)
