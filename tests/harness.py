@@ -105,6 +105,21 @@ class Caller:
         return [m.message_id for m in self.dead]
 
 
+def chat_and_embedding_endpoints(fleet: Fleet) -> list[dict[str, Any]]:
+    """Settings' endpoints for a fleet of ``chat`` (model m1) and ``emb`` (model e1):
+    an endpoint serves one kind of model, so embeddings get their own."""
+    key = {"api_key_env": "LLMQ_TEST_FLEET_KEY"}
+    return [
+        {"name": "chat", "base_url": fleet.url("chat"), "models": ["m1"], **key},
+        {
+            "name": "emb",
+            "base_url": fleet.url("emb"),
+            "models": {"e1": {"upstream": "e1", "kind": "embedding"}},
+            **key,
+        },
+    ]
+
+
 def chat(model: str = "m1", content: str = "hello", **extra: Any) -> dict[str, Any]:
     return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
 

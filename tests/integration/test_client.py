@@ -10,7 +10,7 @@ from typing import Any
 import aio_pika
 import orjson
 import pytest
-from harness import running_fleet
+from harness import chat_and_embedding_endpoints, running_fleet
 
 from producers.client import LlmqClient
 from producers.errors import (
@@ -198,17 +198,7 @@ async def test_embed_returns_the_embeddings_and_refuses_the_other_kind(
     async with running_fleet(
         {"name": "chat", "models": ["m1"]}, {"name": "emb", "models": ["e1"]}
     ) as fleet:
-        key = {"api_key_env": "LLMQ_TEST_FLEET_KEY"}
-        endpoints = [
-            {"name": "chat", "base_url": fleet.url("chat"), "models": ["m1"], **key},
-            {
-                "name": "emb",
-                "base_url": fleet.url("emb"),
-                "models": {"e1": {"upstream": "e1", "kind": "embedding"}},
-                **key,
-            },
-        ]
-        settings = make_settings(fleet, endpoints=endpoints)
+        settings = make_settings(fleet, endpoints=chat_and_embedding_endpoints(fleet))
         async with worker_for(settings), client_for(settings) as client:
             response = await client.embed("e1", ["one", "two"], sla_ms=5000)
             assert response["object"] == "list"

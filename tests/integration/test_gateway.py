@@ -14,7 +14,7 @@ import aiormq
 import openai
 import orjson
 import pytest
-from harness import Caller, chat, running_fleet
+from harness import Caller, chat, chat_and_embedding_endpoints, running_fleet
 from openai.types.chat import ChatCompletionMessageParam
 
 from producers.gateway import start_gateway
@@ -361,17 +361,7 @@ async def test_embeddings_through_the_sdk(settings_for: Callable[..., Settings])
     async with running_fleet(
         {"name": "chat", "models": ["m1"]}, {"name": "emb", "models": ["e1"]}
     ) as fleet:
-        key = {"api_key_env": "LLMQ_TEST_FLEET_KEY"}
-        endpoints = [
-            {"name": "chat", "base_url": fleet.url("chat"), "models": ["m1"], **key},
-            {
-                "name": "emb",
-                "base_url": fleet.url("emb"),
-                "models": {"e1": {"upstream": "e1", "kind": "embedding"}},
-                **key,
-            },
-        ]
-        settings = settings_for(fleet, endpoints=endpoints)
+        settings = settings_for(fleet, endpoints=chat_and_embedding_endpoints(fleet))
         async with gateway(settings) as url:
             async with sdk(url) as client:
                 result = await client.embeddings.create(model="e1", input=["a b", "c"])
