@@ -23,7 +23,6 @@ __all__ = [
     "Dialect",
     "EmbeddingCall",
     "Refusal",
-    "completion_body",
     "completion_dict",
     "completion_text",
     "embeddings_body",
@@ -68,32 +67,6 @@ def completion_text(endpoint: str, seq: int, tokens: int) -> str:
     return head + _TEXT[: want - len(head)]
 
 
-def completion_body(
-    *,
-    endpoint: str,
-    seq: int,
-    model: str,
-    created: int,
-    completion_tokens: int,
-    finish_reason: str,
-    prompt: int,
-    usage: bool,
-) -> bytes:
-    """A ``chat.completion`` object; without ``usage`` when the plan says so."""
-    return orjson.dumps(
-        completion_dict(
-            endpoint=endpoint,
-            seq=seq,
-            model=model,
-            created=created,
-            completion_tokens=completion_tokens,
-            finish_reason=finish_reason,
-            prompt=prompt,
-            usage=usage,
-        )
-    )
-
-
 def completion_dict(
     *,
     endpoint: str,
@@ -105,7 +78,8 @@ def completion_dict(
     prompt: int,
     usage: bool,
 ) -> dict[str, Any]:
-    """:func:`completion_body` as a dict, for dialects that add to it (azure)."""
+    """A ``chat.completion`` object (without ``usage`` when the plan says so), as a
+    dict: dialects add to it (azure) before it is encoded."""
     body: dict[str, Any] = {
         "id": f"chatcmpl-{endpoint}-{seq}",
         "object": "chat.completion",
