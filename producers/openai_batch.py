@@ -74,8 +74,12 @@ _BACKLOG_WAIT_S = 30.0
 
 
 def batch_key(batch: BatchInput, output: Path, id_prefix: str | None = None) -> str:
-    """What names one batch: its job ids and its reply queue derive from it."""
-    seed = id_prefix or f"{socket.gethostname()}\0{output.resolve()}\0{batch.digest}"
+    """What names one batch: its job ids and its reply queue derive from it.
+
+    The input's digest is always in it: a reply queue must not be guessable from
+    a prefix alone (whoever names a reply queue can read its answers)."""
+    where = id_prefix or f"{socket.gethostname()}\0{output.resolve()}"
+    seed = f"{where}\0{batch.digest}"
     return hashlib.sha256(seed.encode()).hexdigest()[:16]
 
 

@@ -20,7 +20,7 @@ from producers.batch_file import (
     read_batch,
     reply_record,
 )
-from producers.openai_batch import BatchSummary
+from producers.openai_batch import BatchSummary, batch_key
 from producers.submit_jobs import REASON_CODES, failure_record
 from schemas.contract import JOB_ID_RE, JobKind
 from schemas.errors import ErrorCode
@@ -199,3 +199,13 @@ def test_exit_status_says_complete_with_errors_or_incomplete() -> None:
     assert exit_status(BatchSummary(3, done, Tally(ok=1))) == EXIT_OK
     assert exit_status(BatchSummary(3, done, Tally(errors={"unknown_model": 1}))) == EXIT_ERRORS
     assert exit_status(BatchSummary(3, done, Tally())) == EXIT_INCOMPLETE
+
+
+def test_a_batchs_reply_queue_is_not_guessable_from_its_prefix(tmp_path: Path) -> None:
+    """The key names the reply queue: with --id-prefix it still depends on the input,
+    and a rerun of the same input under the same prefix finds the same queue."""
+    one = read_batch(write(tmp_path / "one.jsonl", request("a")))
+    two = read_batch(write(tmp_path / "two.jsonl", request("b")))
+    out = tmp_path / "out.jsonl"
+    assert batch_key(one, out, "nightly.") != batch_key(two, out, "nightly.")
+    assert batch_key(one, out, "nightly.") == batch_key(one, tmp_path / "x.jsonl", "nightly.")
