@@ -43,6 +43,10 @@ class Work:
     token reservations count ``prompt_tokens``, and the endpoint's per-token
     slope is learned per input token. An endpoint serves one kind of model, so
     its latency fit never mixes the two."""
+    batch: bool = False
+    """A batch-class job: it takes an endpoint slot only while interactive work
+    leaves headroom, and its retries and hedges leave part of the retry budget
+    to interactive jobs (see ``EndpointState.blocked`` and ``RetryBudget``)."""
 
 
 @dataclass(frozen=True, slots=True)
