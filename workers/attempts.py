@@ -14,13 +14,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from schemas.codec import Job
-from schemas.contract import JobKind
+from schemas.contract import JobKind, SlaClass
 from schemas.errors import ErrorCode
 from workers.errors import UpstreamFailure
 from workers.events import NOOP, AttemptDone, Hedged, Hook, Retried
 from workers.providers import Adapter, UpstreamReply
 from workers.routing import (
+    Attempt,
     Choice,
+    FailureKind,
     GiveUp,
     NoChoice,
     Progress,
@@ -36,9 +38,20 @@ from workers.routing import (
 from workers.routing.pacing import after_failure, capacity_wake, hedge_after, too_late
 from workers.upstream import Upstream
 
-__all__ = ["Dispatcher", "Failed", "Served"]
+__all__ = ["Abandoned", "Dispatcher", "Failed", "Served"]
 
 log = logging.getLogger("llmq.worker")
+
+
+@dataclass(frozen=True, slots=True)
+class Abandoned:
+    """An attempt that reached the upstream but whose answer nobody read: a
+    hedge's loser, or one that timed out. Providers bill it all the same."""
+
+    endpoint: str
+    model: str
+    prompt_tokens: int
+    elapsed_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +62,7 @@ class Served:
     attempts: int
     hedged: bool
     upstream_ms: float
+    abandoned: tuple[Abandoned, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +73,10 @@ class Failed:
     hedged: bool
     endpoint: str | None
     model: str | None
+    abandoned: tuple[Abandoned, ...] = ()
+
+
+_Waiters = dict[asyncio.Future[None], None]
 
 
 @dataclass(slots=True)
@@ -69,7 +87,15 @@ class _Running:
 
 
 class Dispatcher:
-    """Routes jobs over the endpoints with retries and hedging."""
+    """Routes jobs over the endpoints with retries and hedging.
+
+    Every attempt takes its endpoint slot (``Router.begin``) in the same step
+    as the pick that chose it, before any ``await``: a waiter woken with the
+    others cannot pass the limit check on a slot another waiter is about to
+    take. Waiters for a slot are woken interactive first (their picks run
+    before any batch waiter's), and the core keeps batch off the last slots
+    of an endpoint (``EndpointState.blocked``).
+    """
 
     def __init__(
         self,
@@ -93,7 +119,8 @@ class Dispatcher:
         self._clock = clock
         self._rand = rand
         self._hook = hook
-        self._release: asyncio.Future[None] | None = None
+        self._waiting: tuple[_Waiters, _Waiters] = ({}, {})
+        """Jobs waiting for a slot: (interactive, batch), each an ordered set."""
 
     async def run(self, job: Job, model: str, *, deadline: float, hedge: bool) -> Served | Failed:
         """Serve ``job`` (``model`` is canonical) before ``deadline`` (monotonic seconds)."""
@@ -101,6 +128,7 @@ class Dispatcher:
             prompt_tokens=max(1, job.prompt_chars // 4),
             output_tokens=job.output_cap,
             by_input=job.kind is JobKind.EMBEDDING,
+            batch=job.sla_class == SlaClass.BATCH,
         )
         self.retry_budget.record_request(self._clock())
         choice = await self._first_choice(model, work, deadline)
@@ -114,6 +142,7 @@ class Dispatcher:
 
         progress = Progress(attempts=0, tried=frozenset(), deadline=deadline)
         running: list[_Running] = []
+        lost: list[Abandoned] = []
         try:
             while True:
                 progress = progress.attempted(choice.endpoint)
@@ -129,20 +158,23 @@ class Dispatcher:
                     # Nothing to race: the attempt runs in this task, no task or timer of
                     # its own (its timeout is the upstream call's, as in a task).
                     started = self._clock()
+                    attempt = self._begin(choice, work, started)
                     try:
-                        reply = await self._attempt(choice, job, work, deadline)
+                        reply = await self._attempt(choice, attempt, job, work, deadline, lost)
                     except UpstreamFailure as exc:
                         failure, last = exc, choice
                     else:
-                        return self._served(reply, choice, started, progress)
+                        return self._served(reply, choice, started, progress, lost)
                 else:
-                    running.append(self._start(choice, job, work, deadline))
+                    running.append(self._start(choice, job, work, deadline, lost))
                     done, progress = await self._raced(
-                        running, job, model, work, deadline, progress, delay
+                        running, job, model, work, deadline, progress, delay, lost
                     )
                     error = done.task.exception()
                     if error is None:
-                        return self._served(done.task.result(), done.choice, done.started, progress)
+                        await _cancel_all(running)  # the losers record themselves in lost
+                        result = done.task.result()
+                        return self._served(result, done.choice, done.started, progress, lost)
                     assert isinstance(error, UpstreamFailure)
                     failure, last = error, done.choice
                 step, progress = await self._decided(progress, failure, model, work)
@@ -154,11 +186,12 @@ class Dispatcher:
                         progress.hedged,
                         last.endpoint,
                         last.model,
+                        tuple(lost),
                     )
                 choice = step.choice
                 self._hook(Retried(choice.endpoint, failure.kind.value))
         finally:
-            await _cancel_all(running)
+            await _cancel_all(running)  # on shutdown, or a bug: nothing left running
 
     async def _raced(
         self,
@@ -169,6 +202,7 @@ class Dispatcher:
         deadline: float,
         progress: Progress,
         delay: float,
+        lost: list[Abandoned],
     ) -> tuple[_Running, Progress]:
         """Race the first attempt (``running[-1]``) against its hedge timer; a
         hedge joins when the timer fires and the core agrees. The first
@@ -178,7 +212,7 @@ class Dispatcher:
         if isinstance(done, Choice):  # the hedge timer fired and the core agreed
             progress = replace(progress.attempted(done.endpoint), hedged=True)
             self._hook(Hedged(done.endpoint))
-            running.append(self._start(done, job, work, deadline))
+            running.append(self._start(done, job, work, deadline, lost))
             done = await self._race(running, model, work, deadline, progress, None)
         assert isinstance(done, _Running)
         return done, progress
@@ -196,7 +230,12 @@ class Dispatcher:
         return step, progress
 
     def _served(
-        self, reply: UpstreamReply, choice: Choice, started: float, progress: Progress
+        self,
+        reply: UpstreamReply,
+        choice: Choice,
+        started: float,
+        progress: Progress,
+        lost: list[Abandoned],
     ) -> Served:
         return Served(
             reply,
@@ -205,6 +244,7 @@ class Dispatcher:
             progress.attempts,
             progress.hedged,
             (self._clock() - started) * 1000,
+            tuple(lost),
         )
 
     def _next(self, progress: Progress, failure: UpstreamFailure, model: str, work: Work) -> Step:
@@ -233,24 +273,45 @@ class Dispatcher:
             wake = capacity_wake(choice, now=now, deadline=deadline, margin_s=self._margin_s)
             if wake is None:
                 return choice
-            await self._released(wake - now)
+            await self._released(wake - now, batch=work.batch)
             choice = self.router.pick(model, work=work, now=self._clock(), rand=self._rand)
         return choice
 
-    async def _released(self, timeout_s: float) -> None:
+    async def _released(self, timeout_s: float, *, batch: bool) -> None:
         """Sleep until some attempt ends (a slot frees) or ``timeout_s`` passes."""
-        if self._release is None or self._release.done():
-            self._release = asyncio.get_running_loop().create_future()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._release), timeout_s)
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiting[batch][waiter] = None
+        timer = loop.call_later(timeout_s, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            # Woken by a release, it is no longer in the current set; by its timer or
+            # a cancellation, it still is.
+            self._waiting[batch].pop(waiter, None)
 
     def _attempt_ended(self) -> None:
-        if self._release is not None and not self._release.done():
-            self._release.set_result(None)
+        """A slot may have freed: wake the interactive waiters now and the batch
+        waiters one loop turn later, so every interactive pick runs first."""
+        interactive, batch = self._waiting
+        if not interactive and not batch:
+            return
+        self._waiting = ({}, {})
+        for waiter in interactive:
+            _wake(waiter)
+        if batch:
+            asyncio.get_running_loop().call_soon(_wake_all, batch)
 
-    def _start(self, choice: Choice, job: Job, work: Work, deadline: float) -> _Running:
+    def _begin(self, choice: Choice, work: Work, now: float) -> Attempt:
+        return self.router.begin(choice.endpoint, work=work, now=now, model=choice.model)
+
+    def _start(
+        self, choice: Choice, job: Job, work: Work, deadline: float, lost: list[Abandoned]
+    ) -> _Running:
         started = self._clock()
-        task = asyncio.create_task(self._attempt(choice, job, work, deadline))
+        attempt = self._begin(choice, work, started)
+        task = asyncio.create_task(self._attempt(choice, attempt, job, work, deadline, lost))
         return _Running(choice, task, started)
 
     async def _race(
@@ -306,14 +367,19 @@ class Dispatcher:
                 hedge_at = first.started + later
 
     async def _attempt(
-        self, choice: Choice, job: Job, work: Work, deadline: float
+        self,
+        choice: Choice,
+        attempt: Attempt,
+        job: Job,
+        work: Work,
+        deadline: float,
+        lost: list[Abandoned],
     ) -> UpstreamReply:
-        """One upstream call. The router's reservation (slot, rate tokens, probe)
-        is taken first and every path below hands it back exactly once: success,
-        an upstream failure, or anything else (cancellation, a bug) as a cancel."""
+        """One upstream call on the reservation ``attempt`` (slot, rate window,
+        probe), which every path below hands back exactly once: success, an
+        upstream failure, or anything else (cancellation, a bug) as a cancel."""
         router = self.router
-        now = self._clock()
-        attempt = router.begin(choice.endpoint, work=work, now=now, model=choice.model)
+        now = attempt.started
         try:
             timeout = router.attempt_timeout(choice.endpoint, work=work, remaining_s=deadline - now)
             adapter = self._adapters[choice.endpoint]
@@ -329,12 +395,15 @@ class Dispatcher:
             end = self._clock()
             router.fail(attempt, failure.kind, now=end, retry_after_s=failure.retry_after_s)
             self._hook(AttemptDone(choice.endpoint, choice.model, failure.kind.value, end - now))
+            if failure.kind is FailureKind.TIMEOUT:
+                lost.append(Abandoned(choice.endpoint, choice.model, work.prompt_tokens, end - now))
             raise
         except BaseException:
             self._attempt_ended()
             end = self._clock()
             router.cancel(attempt, now=end)
             self._hook(AttemptDone(choice.endpoint, choice.model, "cancelled", end - now))
+            lost.append(Abandoned(choice.endpoint, choice.model, work.prompt_tokens, end - now))
             raise
         self._attempt_ended()
         end = self._clock()
@@ -352,6 +421,16 @@ class Dispatcher:
                 for c in candidates
             ),
         )
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _wake_all(waiters: _Waiters) -> None:
+    for waiter in waiters:
+        _wake(waiter)
 
 
 async def _cancel_all(running: list[_Running]) -> None:
