@@ -157,12 +157,14 @@ class ObservedRetryBudget(RetryBudget):
 
     __slots__ = ("hook",)
 
-    def __init__(self, ratio: float, min_per_s: float, ttl_s: float = 10.0) -> None:
-        super().__init__(ratio, min_per_s, ttl_s)
+    def __init__(
+        self, ratio: float, min_per_s: float, ttl_s: float = 10.0, *, batch_keep: float = 0.5
+    ) -> None:
+        super().__init__(ratio, min_per_s, ttl_s, batch_keep=batch_keep)
         self.hook: Hook = NOOP
 
-    def try_spend(self, now: float) -> bool:
-        if super().try_spend(now):
+    def try_spend(self, now: float, *, batch: bool = False) -> bool:
+        if super().try_spend(now, batch=batch):
             return True
         self.hook(RETRY_BUDGET_EXHAUSTED)
         return False

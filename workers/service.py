@@ -86,7 +86,10 @@ class Worker:
             rand=random.random,
         )
         budget = ObservedRetryBudget(
-            config.budget_ratio, config.budget_min_per_s, config.budget_ttl_s
+            config.budget_ratio,
+            config.budget_min_per_s,
+            config.budget_ttl_s,
+            batch_keep=config.batch_budget_share,
         )
         self.retry_budget = budget
         self.telemetry = Telemetry(

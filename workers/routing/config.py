@@ -147,6 +147,18 @@ class RoutingConfig:
     """How long a 401/403/404 keeps an endpoint out for that model (or until restart)."""
     aimd_backoff: float = 0.5
     """Least share of the learned concurrency kept on one 429 (TCP halves)."""
+    # --- priority: interactive before batch ------------------------------------
+    batch_headroom: float = 0.05
+    """Share of an endpoint's slots batch leaves free for interactive arrivals
+    (at least one slot once the endpoint has two): batch is saturation-gated."""
+    batch_floor: float = 0.1
+    """Share of an endpoint's slots batch may always use while it waits (at least
+    one slot, at most all but one): interactive load never starves batch for good."""
+    batch_wait_s: float = 1.0
+    """How long a refused batch pick counts as "batch is waiting" for the floor."""
+    batch_budget_share: float = 0.5
+    """Batch retries and hedges may not draw the retry budget below this share of its
+    constant reserve: the rest is kept for interactive jobs."""
     # --- retries, backoff, budget --------------------------------------------
     max_attempts: int = 3
     budget_ratio: float = 0.2
@@ -196,6 +208,9 @@ class RoutingConfig:
         ):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"RoutingConfig.{name} must be in (0, 1]")
+        for name in ("batch_headroom", "batch_floor", "batch_budget_share"):
+            if getattr(self, name) > 1:
+                raise ValueError(f"RoutingConfig.{name} must be in [0, 1]")
         if (
             min(self.max_attempts, self.eject_after, self.failure_cost_window, self.cooldown_after)
             < 1

@@ -8,6 +8,14 @@ however many attempts each job is allowed.
 
 Call ``record_request`` once per job (not per attempt) and ``try_spend`` before
 each retry or hedge.
+
+Priority: a batch job's retry or hedge may not draw the balance below
+``batch_keep`` of the reserve, which is kept for interactive jobs.
+
+Fleet-wide: the ratio part adds up across workers by itself (each deposits
+for its own jobs); the constant reserve would multiply with the replicas, so
+each worker holds its share of it (:meth:`share`, ``1/N`` of ``min_per_s``
+with N live workers).
 """
 
 from __future__ import annotations
@@ -24,14 +32,31 @@ _UNIT = 1000
 class RetryBudget:
     """Leaky token bucket over ``ttl_s`` in ten slots, refreshed by the caller's clock."""
 
-    __slots__ = ("_at", "_deposit", "_ratio", "_reserve", "_slots", "_width")
+    __slots__ = (
+        "_at",
+        "_batch_keep",
+        "_deposit",
+        "_full_reserve",
+        "_keep",
+        "_ratio",
+        "_reserve",
+        "_slots",
+        "_width",
+    )
 
-    def __init__(self, ratio: float, min_per_s: float, ttl_s: float = 10.0) -> None:
-        if ratio < 0 or min_per_s < 0 or ttl_s <= 0:
-            raise ValueError("RetryBudget needs ratio >= 0, min_per_s >= 0 and ttl_s > 0")
+    def __init__(
+        self, ratio: float, min_per_s: float, ttl_s: float = 10.0, *, batch_keep: float = 0.5
+    ) -> None:
+        if ratio < 0 or min_per_s < 0 or ttl_s <= 0 or not 0 <= batch_keep <= 1:
+            raise ValueError(
+                "RetryBudget needs ratio >= 0, min_per_s >= 0, ttl_s > 0 and batch_keep in [0, 1]"
+            )
         self._ratio = ratio
         self._deposit = round(ratio * _UNIT)
-        self._reserve = round(min_per_s * ttl_s * _UNIT)
+        self._full_reserve = min_per_s * ttl_s * _UNIT
+        self._batch_keep = batch_keep
+        self._reserve = self._keep = 0
+        self.share(1.0)
         self._width = ttl_s / _SLOTS
         self._slots = [0] * _SLOTS
         self._at: int | None = None
@@ -39,7 +64,17 @@ class RetryBudget:
     @classmethod
     def from_config(cls, config: RoutingConfig) -> RetryBudget:
         """The budget with ``budget_ratio``, ``budget_min_per_s`` and ``budget_ttl_s``."""
-        return cls(config.budget_ratio, config.budget_min_per_s, config.budget_ttl_s)
+        return cls(
+            config.budget_ratio,
+            config.budget_min_per_s,
+            config.budget_ttl_s,
+            batch_keep=config.batch_budget_share,
+        )
+
+    def share(self, fraction: float) -> None:
+        """Hold ``fraction`` of the constant reserve (this worker's share of the fleet's)."""
+        self._reserve = round(self._full_reserve * max(0.0, min(fraction, 1.0)))
+        self._keep = round(self._reserve * self._batch_keep)
 
     def __repr__(self) -> str:
         balance = (self._reserve + sum(self._slots)) / _UNIT
@@ -65,10 +100,11 @@ class RetryBudget:
         """A job started: deposit ``ratio`` of a retry."""
         self._slots[self._advance(now)] += self._deposit
 
-    def try_spend(self, now: float) -> bool:
+    def try_spend(self, now: float, *, batch: bool = False) -> bool:
         """Withdraw one retry if the budget allows; False means don't retry."""
         slot = self._advance(now)
-        if self._reserve + sum(self._slots) < _UNIT:
+        kept = self._keep if batch else 0
+        if self._reserve + sum(self._slots) - kept < _UNIT:
             return False
         self._slots[slot] -= _UNIT
         return True

@@ -151,7 +151,7 @@ def next_step(
             f"last: {kind.value}; no retry: {picked.endpoint} needs"
             f" ~{picked.predicted_s:.3g} s, {left:.3g} s left before the deadline",
         )
-    if not budget.try_spend(now):
+    if not budget.try_spend(now, batch=work.batch):
         return GiveUp(_exhausted(kind), f"retry budget exhausted, last: {kind.value}")
     return TryNow(picked)
 
@@ -224,6 +224,6 @@ def should_hedge(
         return None
     if deadline is not None and picked.predicted_s > deadline - now - margin_s:
         return None
-    if not budget.try_spend(now):
+    if not budget.try_spend(now, batch=work.batch):
         return None
     return picked
