@@ -29,6 +29,11 @@ Cost of sending a job of ``n`` output tokens (all in seconds)::
   the stored values apply again, so a recovering endpoint gets one probe, not
   a herd; a probe abandoned as too slow raises the level by what it showed
   (``LatencyEstimator.censor``).
+* rpm/tpm are sliding 60-second windows (:class:`~workers.routing.limits.SlidingWindow`):
+  ``begin`` counts the request and the reserved tokens (prompt + output cap);
+  each attempt keeps its own entries, so what comes back — the unused tokens
+  after a success, everything when the connection was refused — leaves the
+  window where that attempt put it.
 * Cold (no sample yet): its cost is only its failure term (≈ 0), so it is tried
   first (Finagle, Linkerd), but while that probe is in flight it is skipped
   (``Skip.COLD_PROBE``, a capacity reason: jobs wait for a slot rather than
@@ -44,11 +49,15 @@ from workers.routing.config import EndpointSpec, RoutingConfig
 from workers.routing.estimator import LatencyEstimator
 from workers.routing.failures import FailureKind
 from workers.routing.health import Circuit, CircuitState, FailureStats, Unusable
-from workers.routing.limits import AimdLimit, Cooldown, TokenBucket
+from workers.routing.limits import AimdLimit, Cooldown, Entry, SlidingWindow
 from workers.routing.values import EndpointStatus, Skip
 
 __all__ = ["EndpointState"]
 _TINY = 1e-9
+
+
+def _later(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else max(a, b)
 
 
 class EndpointState:
@@ -62,6 +71,7 @@ class EndpointState:
         "_idle_level",
         "_p95",
         "_read_at",
+        "_taken",
         "attempts",
         "cancelled",
         "capacity",
@@ -91,8 +101,10 @@ class EndpointState:
         self.failures = FailureStats(config)
         self.circuit = Circuit(config)
         self.capacity = AimdLimit(spec.max_concurrency, config.aimd_backoff)
-        self.rpm = None if spec.rpm is None else TokenBucket(spec.rpm)
-        self.tpm = None if spec.tpm is None else TokenBucket(spec.tpm)
+        self.rpm = None if spec.rpm is None else SlidingWindow(spec.rpm)
+        self.tpm = None if spec.tpm is None else SlidingWindow(spec.tpm)
+        # attempt id -> its own rpm and tpm entries, for refunds to hit that attempt's.
+        self._taken: dict[int, tuple[Entry | None, Entry | None]] = {}
         self.in_flight = 0
         # attempt id -> (started, predicted output tokens, started while idle);
         # insertion order is start order: the first entry is the oldest pending.
@@ -149,7 +161,8 @@ class EndpointState:
         return c.open_until is not None and (now < c.open_until or c.probing)
 
     def available_at(self, skip: Skip, model: str, now: float, need: float) -> float | None:
-        """When ``skip`` stops applying by itself; None when it takes a completion."""
+        """When ``skip`` stops applying by itself; None when it takes a completion
+        (or never frees by itself: an rpm/tpm share of 0)."""
         if skip is Skip.UNUSABLE:
             return self.unusable.until(model, now)
         if skip is Skip.EJECTED:
@@ -157,12 +170,13 @@ class EndpointState:
         if skip is Skip.COOLDOWN:
             return self.cooldown.until
         if skip is Skip.RATE_LIMIT:
-            times = [now]
+            # None from a window: its limit is 0, no time frees it.
+            at: float | None = now
             if self.rpm is not None:
-                times.append(self.rpm.ready_at(1.0, now))
+                at = _later(at, self.rpm.ready_at(1.0, now))
             if self.tpm is not None:
-                times.append(self.tpm.ready_at(need, now))
-            return max(times)
+                at = _later(at, self.tpm.ready_at(need, now))
+            return at
         return None
 
     def score(self, now: float, tokens: float, cold_s: float, *, explore: bool = True) -> float:
@@ -250,11 +264,23 @@ class EndpointState:
         self.pending[attempt_id] = (now, tokens, not self.in_flight)
         self.in_flight += 1
         self.attempts += 1
-        if self.rpm is not None:
-            self.rpm.take(1.0, now)
-        if self.tpm is not None:
-            self.tpm.take(reserve, now)
+        if self.rpm is not None or self.tpm is not None:
+            self._taken[attempt_id] = (
+                None if self.rpm is None else self.rpm.take(1.0, now),
+                None if self.tpm is None else self.tpm.take(reserve, now),
+            )
         return self.circuit.on_begin(now)
+
+    def _release(self, attempt_id: int, *, request: bool, tokens: float) -> None:
+        """Forget the attempt's rpm/tpm entries, first returning its request and ``tokens``."""
+        taken = self._taken.pop(attempt_id, None)
+        if taken is None:
+            return
+        rpm, tpm = taken
+        if request and rpm is not None and self.rpm is not None:
+            self.rpm.give(rpm, 1.0)
+        if tokens > 0 and tpm is not None and self.tpm is not None:
+            self.tpm.give(tpm, tokens)
 
     def _finish(self, attempt_id: int) -> tuple[float, float, bool] | None:
         entry = self.pending.pop(attempt_id, None)
@@ -287,8 +313,7 @@ class EndpointState:
         if self.circuit.on_success(now, probe):
             self.failures.reset()
         self.capacity.on_success(busy)
-        if self.tpm is not None:
-            self.tpm.give(unused_tokens)
+        self._release(attempt_id, request=False, tokens=unused_tokens)
         return True
 
     def fail(
@@ -307,17 +332,14 @@ class EndpointState:
         busy = self.in_flight
         if self._finish(attempt_id) is None:
             return
+        refused = kind is FailureKind.REFUSED  # never reached the upstream's limiter
+        self._release(attempt_id, request=refused, tokens=reserved if refused else 0.0)
         if kind.endpoint_failure:
             self.failed += 1
             self.failures.observe(now, failed=True, elapsed_s=now - started)
             self.circuit.on_failure(now, probe=probe, jitter=jitter, stats=self.failures)
             if retry_after_s is not None:  # a 503 that says when to come back
                 self.cooldown.hold(now, retry_after_s, jitter)
-            if kind is FailureKind.REFUSED:  # never reached the upstream's limiter
-                if self.rpm is not None:
-                    self.rpm.give(1.0)
-                if self.tpm is not None:
-                    self.tpm.give(reserved)
             return
         self.circuit.on_cancel(probe)  # the probe did not test health
         if kind is FailureKind.RATE_LIMITED:
@@ -330,6 +352,7 @@ class EndpointState:
     def cancel(self, attempt_id: int, now: float, *, probe: bool) -> None:
         entry = self._finish(attempt_id)
         if entry is not None:
+            self._release(attempt_id, request=False, tokens=0.0)
             self.cancelled += 1
             self.circuit.on_cancel(probe)
             started, tokens, idle = entry

@@ -1,60 +1,172 @@
-"""Capacity limits of one endpoint: rpm/tpm buckets, learned concurrency, 429 cooldown.
+"""Capacity limits of one endpoint: rpm/tpm windows, learned concurrency, 429 cooldown.
 
-All are driven by the caller's clock: buckets refill continuously from the
-``now`` they are given, never from a timer.
+All are driven by the caller's clock: a window forgets what is older than 60 s
+as of the ``now`` it is given, never from a timer.
 """
 
 from __future__ import annotations
 
+from collections import deque
+
 from workers.routing.config import RoutingConfig
 
-__all__ = ["AimdLimit", "Cooldown", "TokenBucket"]
+__all__ = ["WINDOW_S", "AimdLimit", "Cooldown", "Entry", "SlidingWindow"]
+
+WINDOW_S = 60.0
+"""Providers count requests and tokens over any 60-second window."""
+_EMPTY = 1e-9
+"""A window whose entries sum to at most this holds nothing (float residue of refunds)."""
 
 
-class TokenBucket:
-    """A per-minute allowance (requests or tokens), refilled continuously.
+class Entry:
+    """One take in a :class:`SlidingWindow`: the handle to refund it through."""
 
-    A job needing more than the whole allowance (a 50k-token prompt against a
-    40k tpm limit) waits for a full bucket instead of waiting forever.
-    """
+    __slots__ = ("amount", "time")
 
-    __slots__ = ("capacity", "rate", "stamp", "tokens")
-
-    def __init__(self, per_minute: int) -> None:
-        self.capacity = float(per_minute)
-        self.rate = per_minute / 60.0
-        self.tokens = self.capacity
-        self.stamp = float("-inf")
-        """When ``tokens`` was last brought up to date."""
+    def __init__(self, time: float, amount: float) -> None:
+        self.time = time
+        self.amount = amount
+        """What still counts; 0 once refunded or out of the window."""
 
     def __repr__(self) -> str:
-        return f"<TokenBucket {self.tokens:.1f}/{self.capacity:.0f}>"
+        return f"<Entry {self.amount:g} at {self.time:.3f}>"
 
-    def _refill(self, now: float) -> None:
-        if now > self.stamp:
-            self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-            self.stamp = now
+
+class SlidingWindow:
+    """At most ``limit`` requests (or tokens) in any ``window_s``-second window.
+
+    Guarantee: for every ``t``, the entries taken in ``(t − 60, t]`` sum to at
+    most the limit in force (see below), provided each :meth:`take` follows a
+    :meth:`can_take` that said yes at the same ``now`` — the router's pick and
+    begin are one step. One exception, so that a job is not refused forever: a
+    single request larger than the whole limit (a 50k-token prompt against tpm
+    40k) is admitted into an empty window, which then stays shut until that
+    entry leaves it, 60 s later. The window starts empty: a fresh worker may
+    send the whole limit in its first minute, not twice it (a token bucket that
+    starts full and refills continuously lets ``2 × rpm`` through).
+
+    Limits move with the fleet (:meth:`set_limit`, a worker's share of the
+    endpoint's limit): a decrease applies at once, an increase only once the
+    lower limit has held for a whole window — the limit in force is the
+    smallest one set at any time in the last 60 s. So when one worker's share
+    falls as another's rises, the rise waits until the first worker's window
+    no longer holds its old share, and the sum over workers holds in every
+    window. A worker that joins should start at 0 and raise to its share (it
+    then sends after 60 s); a limit of 0 admits nothing.
+
+    Entries live in a deque in time order with a running sum: a take appends,
+    time expires from the left, so each entry is added and dropped once —
+    O(1) amortised, for rpm in the tens of thousands. Time that goes backwards
+    is read as the latest time seen.
+    """
+
+    __slots__ = ("_entries", "_history", "_set", "_stamp", "_window", "limit", "total")
+
+    def __init__(self, limit: float, window_s: float = WINDOW_S) -> None:
+        self._window = window_s
+        self._set = float(limit)
+        """The limit last set."""
+        self.limit = self._set
+        """The limit in force: the smallest set at any time in the last window."""
+        self._history: deque[tuple[float, float]] = deque()
+        """(until, limit) of earlier limits, kept only while they may be the smallest:
+        ``until`` and ``limit`` both increase left to right."""
+        self._entries: deque[Entry] = deque()
+        self.total = 0.0
+        """Sum of the entries' amounts (those in the window as of the latest ``now``)."""
+        self._stamp = float("-inf")
+
+    def __repr__(self) -> str:
+        return f"<SlidingWindow {self.total:.1f}/{self.limit:.0f} per {self._window:g}s>"
+
+    def _advance(self, now: float) -> None:
+        """Drop what left the window by ``now`` (> the latest time seen)."""
+        self._stamp = now
+        cutoff = now - self._window
+        entries = self._entries
+        if entries and entries[0].time <= cutoff:
+            while entries and entries[0].time <= cutoff:
+                gone = entries.popleft()
+                self.total -= gone.amount
+                gone.amount = 0.0  # a refund through this handle now changes nothing
+            if not entries:
+                self.total = 0.0  # no float residue in an empty window
+        history = self._history
+        if history and history[0][0] <= cutoff:
+            while history and history[0][0] <= cutoff:
+                history.popleft()
+            self.limit = min(self._set, history[0][1]) if history else self._set
+
+    def _fits(self, need: float, total: float, limit: float) -> bool:
+        if need <= limit - total:
+            return True
+        return need > limit > 0 and total <= _EMPTY  # too big for any window: an empty one
 
     def can_take(self, need: float, now: float) -> bool:
-        """Whether ``need`` is available now. Read-only: this runs on every pick."""
-        # min(cap, tokens + refill) >= need <=> tokens + refill >= need, since need <= cap.
-        need = need if need < self.capacity else self.capacity
-        return self.tokens + (now - self.stamp) * self.rate >= need
+        """Whether ``need`` fits now. Runs on every pick: O(1) amortised, and changes
+        nothing a caller can see (it only drops entries that have left the window)."""
+        if now > self._stamp:
+            self._advance(now)
+        return self._fits(need, self.total, self.limit)
 
-    def take(self, need: float, now: float) -> None:
-        """Reserve ``need``; may go into debt when the caller did not check first."""
-        self._refill(now)
-        self.tokens -= min(need, self.capacity)
+    def take(self, need: float, now: float) -> Entry:
+        """Count ``need`` at ``now``; returns the entry, to :meth:`give` back part of it.
 
-    def give(self, amount: float) -> None:
-        """Return an unused part of a reservation."""
-        self.tokens = min(self.capacity, self.tokens + max(amount, 0.0))
+        Does not check: the caller asked :meth:`can_take` first."""
+        if now > self._stamp:
+            self._advance(now)
+        entry = Entry(self._stamp, max(need, 0.0))
+        self._entries.append(entry)
+        self.total += entry.amount
+        return entry
 
-    def ready_at(self, need: float, now: float) -> float:
-        """When ``need`` can be taken, if nothing else takes from the bucket."""
-        self._refill(now)
-        deficit = min(need, self.capacity) - self.tokens
-        return now if deficit <= 0 else now + deficit / self.rate
+    def give(self, entry: Entry, amount: float) -> None:
+        """Stop counting ``amount`` of ``entry`` (never more than it still counts)."""
+        amount = min(max(amount, 0.0), entry.amount)
+        entry.amount -= amount
+        self.total -= amount
+
+    def ready_at(self, need: float, now: float) -> float | None:
+        """When ``need`` fits, if nothing else is taken or set; None: never (limit 0).
+
+        Walks entries and earlier limits in the order they leave the window: only
+        called when a pick found nothing, and it stops at the first time that fits.
+        """
+        if now > self._stamp:
+            self._advance(now)
+        now = self._stamp
+        total, limit = self.total, self.limit
+        entries, history, window = self._entries, self._history, self._window
+        i = j = 0
+        t = now
+        while not self._fits(need, total, limit):
+            left = entries[i].time + window if i < len(entries) else float("inf")
+            lifted = history[j][0] + window if j < len(history) else float("inf")
+            if left == lifted == float("inf"):
+                return None
+            if left <= lifted:
+                total -= entries[i].amount
+                i += 1
+                t = left
+            else:
+                j += 1
+                limit = min(self._set, history[j][1]) if j < len(history) else self._set
+                t = lifted
+        return max(t, now)
+
+    def set_limit(self, limit: float, now: float) -> None:
+        """A new limit (this worker's share): lower at once, higher after a window."""
+        if now > self._stamp:
+            self._advance(now)
+        old, limit = self._set, float(limit)
+        if limit == old:
+            return
+        history = self._history
+        while history and history[-1][1] >= old:
+            history.pop()  # ends sooner and is no smaller: never the smallest again
+        history.append((self._stamp, old))
+        self._set = limit
+        self.limit = min(limit, history[0][1])
 
 
 class AimdLimit:

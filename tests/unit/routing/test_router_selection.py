@@ -236,19 +236,23 @@ def test_max_concurrency_is_a_hard_limit(make: Make) -> None:
     assert "a=busy" in refused.reason
 
 
-def test_rpm_bucket(make: Make) -> None:
+def test_rpm_counts_any_60s_window(make: Make) -> None:
     h = make([EndpointSpec("a", {"m": "m"}, 64, rpm=2)])
+    start = h.now
     h.serve("a", 0.1, gap_s=0.0)  # warm (and one of the two requests this minute)
     h.begin("a")
     refused = h.pick()
     assert isinstance(refused, NoChoice)
     assert refused.code is ErrorCode.OVER_CAPACITY
-    assert refused.retry_at == pytest.approx(h.now + 30.0, abs=0.5)
+    assert "a=rate_limit" in refused.reason
+    assert refused.retry_at == pytest.approx(start + 60.0)  # when the first request leaves
     h.tick(30.0)
+    assert isinstance(h.pick(), NoChoice)  # a refilling bucket would have had one by now
+    h.now = start + 60.0
     assert isinstance(h.pick(), Choice)
 
 
-def test_tpm_bucket_reserves_prompt_plus_cap_and_refunds_unused(make: Make) -> None:
+def test_tpm_reserves_prompt_plus_cap_and_refunds_unused(make: Make) -> None:
     h = make([EndpointSpec("a", {"m": "m"}, 64, tpm=1000)])
     work = Work(100, 200)  # reserves 300
     attempts = [h.begin("a", work) for _ in range(3)]
@@ -258,9 +262,23 @@ def test_tpm_bucket_reserves_prompt_plus_cap_and_refunds_unused(make: Make) -> N
     h.router.fail(attempts[1], FailureKind.REFUSED, now=h.now)  # never reached: all 300 back
     assert isinstance(h.pick(work=work), Choice)
     h.router.fail(attempts[2], FailureKind.SERVER_ERROR, now=h.now)  # counted as used
-    refused = h.pick(work=Work(5000, None))  # more than the whole bucket: waits for a full one
+    refused = h.pick(work=Work(5000, None))  # more than the whole limit: waits for an empty window
     assert isinstance(refused, NoChoice)
-    assert refused.retry_at == pytest.approx(h.now + (1000 - 550) * 60 / 1000)
+    assert refused.retry_at == pytest.approx(h.now + 60.0)
+
+
+def test_a_refund_returns_the_attempts_own_tokens_not_a_later_ones(make: Make) -> None:
+    """A refused attempt whose reservation has already left the window frees nothing:
+    the tokens in the window now are other attempts', really sent."""
+    h = make([EndpointSpec("a", {"m": "m"}, 64, tpm=600)])
+    work = Work(100, 200)  # reserves 300
+    old = h.begin("a", work)
+    h.tick(30.0)
+    h.begin("a", work)
+    h.tick(31.0)  # old's entry left the window
+    h.begin("a", work)  # the window is full again
+    h.router.fail(old, FailureKind.REFUSED, now=h.now)
+    assert isinstance(h.pick(work=work), NoChoice)
 
 
 def test_rpm_refund_on_refused(make: Make) -> None:
