@@ -311,7 +311,10 @@ class ModelSettings(_Strict):
 
 class WorkerSettings(_Strict):
     concurrency: int = Field(default=256, ge=1, le=100_000)
-    """Jobs one worker holds at once (the consumer prefetch)."""
+    """Jobs one worker holds at once: the consumers' prefetch, split between the
+    classes by ``batch_share`` (at least one each)."""
+    batch_share: float = Field(default=0.5, gt=0, lt=1)
+    """Share of ``concurrency`` the batch queue's consumer may hold."""
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     max_attempts: int = Field(default=3, ge=1, le=10)
     retry_budget_ratio: float = Field(default=0.2, ge=0, le=10)

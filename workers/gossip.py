@@ -6,6 +6,15 @@ message (``workers/state.py``), and what peers say goes back into both: a
 peer's ejections are held by this router too (``Router.observe_remote``),
 its spend is folded into the limits. Sharing is an extra: without the state
 exchange the worker routes on its own view.
+
+Membership: the live workers are this one and every peer heard within the
+last three intervals that has not said it is leaving. Each worker ranks the
+origins the same way (sorted) and holds share ``index`` of ``count`` of every
+endpoint's limits (``Router.share``), so the limits hold for the fleet. A
+worker that hears a new origin answers at once with its own state, so a
+joining worker learns the fleet within a round trip (``settle``) instead of
+an interval; a worker that stops says so in its last message, after its jobs
+drained, so its share passes to the others without waiting for silence.
 """
 
 from __future__ import annotations
@@ -49,22 +58,46 @@ class Gossip:
         router: Router,
         spend_limits: SpendLimits,
         status: Callable[[], Mapping[str, Any]],
+        members: Callable[[int, int], None] | None = None,
     ) -> None:
         self.book = book
         self.router = router
         self.spend_limits = spend_limits
         self._status = status
+        self._members = members
+        self.share = (0, 1)
+        """This worker's rank among the live workers, and their number."""
         self.transport = StateGossip(
             exchange=exchange,
             origin=book.origin,
             interval_s=interval_s,
             build=self.state,
             heard=self.heard,
+            changed=self._membership,
         )
         self.sharing = False
 
     def peer_count(self) -> int:
         return self.transport.peer_count()
+
+    def _membership(self) -> None:
+        live = self.transport.members()
+        share = (live.index(self.transport.origin), len(live))
+        if share == self.share:
+            return
+        log.info(
+            "fleet: %d live worker(s); this one holds share %d of every endpoint's limits",
+            share[1],
+            share[0] + 1,
+        )
+        self.share = share
+        if self._members is not None:
+            self._members(*share)
+
+    async def settle(self, wait_s: float) -> None:
+        """Give the peers ``wait_s`` to answer this worker's first state message."""
+        if self.sharing:
+            await asyncio.sleep(wait_s)
 
     async def start(
         self, publish: AbstractRobustConnection, consume: AbstractRobustConnection
@@ -74,16 +107,24 @@ class Gossip:
     async def stop(self) -> None:
         await self.transport.stop()
 
+    async def leave(self) -> None:
+        """Tell the peers this worker is gone, so its share of the limits is theirs."""
+        if self.sharing:
+            await self.transport.leave()
+
     def state(self, full: bool) -> dict[str, Any]:
         """This worker's state message."""
         now = time.monotonic()
-        return self.book.build(
+        state = self.book.build(
             statuses=self.router.snapshot(now=now),
             status=self._status(),
             now=now,
             interval_s=self.transport.interval_s,
             spend=self.spend_limits.payload(full=full),
         )
+        if self.transport.leaving:
+            state["leaving"] = True
+        return state
 
     def heard(self, state: dict[str, Any]) -> None:
         """A peer's state: hold its ejections here too, fold in its spend."""
@@ -106,24 +147,45 @@ class StateGossip:
         interval_s: float,
         build: Callable[[bool], dict[str, Any]],
         heard: Callable[[dict[str, Any]], None],
+        changed: Callable[[], None] | None = None,
     ) -> None:
         self.exchange = exchange
         self.origin = origin
         self.interval_s = interval_s
         self._build = build
         self._heard = heard
+        self._changed = changed or (lambda: None)
         self.peers: dict[str, float] = {}
         """Peer origin → when last heard (monotonic)."""
+        self.gone: set[str] = set()
+        """Peers whose last message said they were leaving."""
+        self.leaving = False
         self.sent = 0
         self._failing = False
         self._task: asyncio.Task[None] | None = None
         self._publish: AbstractChannel | None = None
         self._consume: AbstractChannel | None = None
+        self._answers: set[asyncio.Task[None]] = set()
 
     def peer_count(self) -> int:
         """Peers heard within the last three intervals."""
         horizon = time.monotonic() - 3 * self.interval_s
         return sum(1 for t in self.peers.values() if t >= horizon)
+
+    def members(self) -> list[str]:
+        """The live workers' origins, this one's included, in the order every worker uses."""
+        horizon = time.monotonic() - 3 * self.interval_s
+        live = [o for o, t in self.peers.items() if t >= horizon and o not in self.gone]
+        return sorted([self.origin, *live])
+
+    async def leave(self) -> None:
+        """Tell the peers this worker is gone (its jobs drained): its share is theirs now."""
+        if self._publish is None or self._publish.is_closed:
+            return
+        self.leaving = True
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2.0):
+                await self.publish_now()
 
     async def start(
         self, publish: AbstractRobustConnection, consume: AbstractRobustConnection
@@ -202,6 +264,7 @@ class StateGossip:
                 self._failing = True
             else:
                 self._failing = False
+            self._changed()  # a peer may have fallen silent
             # A little jitter keeps a fleet started together from publishing in bursts.
             await asyncio.sleep(self.interval_s * (0.9 + 0.2 * random.random()))
 
@@ -209,11 +272,26 @@ class StateGossip:
         state = decode_state(message.body)
         if state is None or state["origin"] == self.origin:
             return
-        self.peers[state["origin"]] = time.monotonic()
+        origin = state["origin"]
+        new = origin not in self.peers
+        self.peers[origin] = time.monotonic()
+        if state.get("leaving") is True:
+            self.gone.add(origin)
+        elif new and not self.leaving and self._publish is not None:
+            # A worker joined: answer now, so it learns the fleet in a round trip.
+            task = asyncio.create_task(self._answer())
+            self._answers.add(task)
+            task.add_done_callback(self._answers.discard)
         try:
             self._heard(state)
         except Exception:
             log.exception("state message from %s not understood", state.get("worker"))
+        self._changed()
+
+    async def _answer(self) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(max(5.0, self.interval_s)):
+                await self.publish_now()
 
 
 def _ttl_ms(interval_s: float) -> int:

@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractQueue, AbstractRobustConnection
 from schemas.broker.connection import connect
 from schemas.broker.publisher import Publisher
 from schemas.codec import Job, encode_reply
-from schemas.contract import JobKind
+from schemas.contract import JobKind, SlaClass
 from schemas.errors import ErrorCode
 from schemas.settings import ConfigError, Settings
 from schemas.topology import plan
@@ -44,6 +44,20 @@ from workers.upstream import Upstream, make_upstream
 __all__ = ["Worker", "WorkerStats"]
 
 log = logging.getLogger("llmq.worker")
+
+
+_JOIN_S = 0.2
+"""How long a starting worker listens for its peers' answers before consuming."""
+
+
+def prefetch(settings: Settings, sla_class: str) -> int:
+    """The class's consumer prefetch: ``worker.concurrency`` split between the
+    classes (``worker.batch_share`` to batch), so the worker holds that many jobs."""
+    total = settings.worker.concurrency
+    batch = max(1, round(total * settings.worker.batch_share))
+    if sla_class == SlaClass.BATCH:
+        return batch
+    return max(1, total - batch)
 
 
 def routing_config(settings: Settings) -> RoutingConfig:
@@ -108,6 +122,7 @@ class Worker:
             router=self.router,
             spend_limits=self.telemetry.spend_limits,
             status=self.status,
+            members=self._share,
         )
         self.telemetry.peers = self.gossip.peer_count
         self.spend = SpendGate(
@@ -183,11 +198,14 @@ class Worker:
         )
         await self.telemetry.start(ready=self._ready)
         await self.gossip.start(self._publish_conn, self._consume_conn)
+        # Peers answer a new worker at once: learn the fleet (and so this worker's
+        # share of every endpoint's limits) before taking any job.
+        await self.gossip.settle(_JOIN_S)
         topo = self.settings.topology
         for sla_class in sorted(topo.classes):
             # One channel per queue: a channel error requeues only that queue's jobs.
             channel = await self._consume_conn.channel()
-            await channel.set_qos(prefetch_count=self.settings.worker.concurrency)
+            await channel.set_qos(prefetch_count=prefetch(self.settings, sla_class))
             queue = await channel.get_queue(topo.queue_name(sla_class), ensure=True)
             tag = await queue.consume(self.deliveries.on_message, no_ack=False)
             self._consumers.append((queue, tag))
@@ -201,6 +219,11 @@ class Worker:
             log.info("price %s", price.describe())
             if price.warning:
                 log.warning("%s", price.warning)
+
+    def _share(self, index: int, count: int) -> None:
+        """The live workers changed: hold share ``index`` of ``count`` of the fleet's limits."""
+        self.router.share(index, count, now=time.monotonic())
+        self.retry_budget.share(1 / count)
 
     def _reconnected(self, *_: object) -> None:
         self.stats.reconnects += 1
@@ -217,6 +240,7 @@ class Worker:
                 await queue.cancel(tag)
         self._consumers.clear()
         await self.deliveries.drain(grace)
+        await self.gossip.leave()  # after the drain: nothing of ours is in flight now
         await self.gossip.stop()
         await self.telemetry.stop()
         for conn in (self._consume_conn, self._publish_conn):

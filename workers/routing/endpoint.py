@@ -52,7 +52,7 @@ from workers.routing.health import Circuit, CircuitState, FailureStats, Unusable
 from workers.routing.limits import AimdLimit, Cooldown, Entry, SlidingWindow
 from workers.routing.values import EndpointStatus, Skip
 
-__all__ = ["EndpointState"]
+__all__ = ["EndpointState", "split"]
 _TINY = 1e-9
 
 
@@ -64,15 +64,22 @@ class EndpointState:
     """Mutable per-endpoint state; ``repr`` shows its health."""
 
     __slots__ = (
+        "_batch",
         "_explored",
         "_fail_busy",
         "_fail_idle",
+        "_floor",
+        "_gated",
         "_gran",
+        "_headroom",
         "_idle_level",
         "_p95",
         "_read_at",
         "_taken",
+        "_wait_s",
         "attempts",
+        "batch_in_flight",
+        "batch_wanted_at",
         "cancelled",
         "capacity",
         "circuit",
@@ -106,6 +113,14 @@ class EndpointState:
         # attempt id -> its own rpm and tpm entries, for refunds to hit that attempt's.
         self._taken: dict[int, tuple[Entry | None, Entry | None]] = {}
         self.in_flight = 0
+        self.batch_in_flight = 0
+        self._batch: set[int] = set()
+        """Attempt ids of batch jobs in flight."""
+        self.batch_wanted_at = float("-inf")
+        """When a batch pick last found this endpoint full (for the batch floor)."""
+        self._wait_s = config.batch_wait_s
+        self._headroom = self._floor = self._gated = 0
+        self._gates()
         # attempt id -> (started, predicted output tokens, started while idle);
         # insertion order is start order: the first entry is the oldest pending.
         self.pending: dict[int, tuple[float, float, bool]] = {}
@@ -131,7 +146,9 @@ class EndpointState:
 
     # --- reading -------------------------------------------------------------
 
-    def blocked(self, model: str, now: float, need_tokens: float, *, panic: bool) -> Skip | None:
+    def blocked(
+        self, model: str, now: float, need_tokens: float, *, panic: bool, batch: bool = False
+    ) -> Skip | None:
         """Why this endpoint cannot take the job now, or None. Hot path."""
         if self.unusable and self.unusable.until(model, now) is not None:
             return Skip.UNUSABLE
@@ -143,8 +160,21 @@ class EndpointState:
                 return Skip.PROBING
         if now < self.cooldown.until:
             return Skip.COOLDOWN
-        if self.in_flight >= self.capacity.value:
+        busy = self.in_flight
+        if busy >= self.capacity.value:
             return Skip.BUSY
+        if self.capacity.value != self._gated:
+            self._gates()
+        below_floor = self.batch_in_flight < self._floor
+        if batch:
+            # Saturation gate: batch stays off the last slots unless below its floor.
+            if not below_floor and busy >= self.capacity.value - self._headroom:
+                return Skip.BUSY
+        elif below_floor and now - self.batch_wanted_at < self._wait_s:
+            # Batch is waiting below its floor: interactive leaves it the floor's slots.
+            owed = self._floor - self.batch_in_flight
+            if busy >= self.capacity.value - owed:
+                return Skip.BUSY
         if self.rpm is not None and not self.rpm.can_take(1.0, now):
             return Skip.RATE_LIMIT
         if self.tpm is not None and not self.tpm.can_take(need_tokens, now):
@@ -207,7 +237,7 @@ class EndpointState:
             # Finagle: a new endpoint is tried first (cost ≈ 0); once its probe is
             # out, blocked() skips it (COLD_PROBE), so this only serves explain().
             return fail
-        return predicted * (1.0 + busy / self.capacity.value)
+        return predicted * (1.0 + busy / (self.capacity.value or 1))
 
     def _refresh(self, now: float) -> None:
         # One exp() per endpoint per decay_granularity_s instead of per pick.
@@ -257,11 +287,38 @@ class EndpointState:
             unusable_models=self.unusable.models(now),
         )
 
+    def _gates(self) -> None:
+        """Batch's headroom and floor for the capacity now (learned, or the fleet share)."""
+        k = self._gated = self.capacity.value
+        c = self.config
+        if k < 2:  # one slot: nothing to keep back on either side
+            self._headroom = self._floor = 0
+            return
+        self._headroom = max(1, round(k * c.batch_headroom)) if c.batch_headroom else 0
+        self._floor = min(k - 1, max(1, int(k * c.batch_floor))) if c.batch_floor else 0
+
+    def share(self, index: int, count: int, now: float) -> None:
+        """Hold share ``index`` of ``count`` of this endpoint's limits (``count``
+        live workers, this one ranked ``index``): the shares add up to exactly the
+        configured ``max_concurrency``, ``rpm`` and ``tpm``. A lower rpm/tpm share
+        applies at once, a higher one after a whole window (``SlidingWindow.set_limit``)."""
+        spec = self.spec
+        self.capacity.rescale(split(spec.max_concurrency, index, count))
+        if self.rpm is not None and spec.rpm is not None:
+            self.rpm.set_limit(split(spec.rpm, index, count), now)
+        if self.tpm is not None and spec.tpm is not None:
+            self.tpm.set_limit(split(spec.tpm, index, count), now)
+
     # --- writing -------------------------------------------------------------
 
-    def begin(self, attempt_id: int, now: float, tokens: float, reserve: float) -> bool:
+    def begin(
+        self, attempt_id: int, now: float, tokens: float, reserve: float, *, batch: bool = False
+    ) -> bool:
         """An attempt starts; returns True when it is the half-open probe."""
         self.pending[attempt_id] = (now, tokens, not self.in_flight)
+        if batch:
+            self._batch.add(attempt_id)
+            self.batch_in_flight += 1
         self.in_flight += 1
         self.attempts += 1
         if self.rpm is not None or self.tpm is not None:
@@ -287,6 +344,9 @@ class EndpointState:
         if entry is None:
             return None  # already finished: a hedge race or a double call
         self.in_flight -= 1
+        if self._batch and attempt_id in self._batch:
+            self._batch.discard(attempt_id)
+            self.batch_in_flight -= 1
         self._read_at = float("-inf")
         return entry
 
@@ -357,3 +417,11 @@ class EndpointState:
             self.circuit.on_cancel(probe)
             started, tokens, idle = entry
             self.latency.censor(now - started, tokens, now, started if idle else None)
+
+
+def split(total: int, index: int, count: int) -> int:
+    """Share ``index`` of ``total`` split ``count`` ways; the shares sum to ``total``."""
+    if count <= 1:
+        return total
+    base, extra = divmod(total, count)
+    return base + (1 if index < extra else 0)

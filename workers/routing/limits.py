@@ -208,7 +208,7 @@ class AimdLimit:
             return False
         cut = max(float(in_flight - 1), self.limit * self._backoff)
         self.limit = max(1.0, min(self.limit - 1.0, cut))
-        self.value = max(1, int(self.limit))
+        self.value = max(1, int(self.limit)) if self.ceiling else 0
         return True
 
     def on_success(self, in_flight: int) -> None:
@@ -217,6 +217,21 @@ class AimdLimit:
         if in_flight * 2 >= self.limit and self.limit < self.ceiling:
             self.limit = min(float(self.ceiling), self.limit + 1.0 / self.limit)
             self.value = max(1, int(self.limit))
+
+    def rescale(self, ceiling: int) -> None:
+        """A new ceiling (this worker's share of the fleet's ``max_concurrency``).
+
+        What 429s taught is kept as a fraction of the ceiling: a worker that had
+        learned half of its share keeps half of its new share. A ceiling of 0
+        (more workers than slots) admits nothing.
+        """
+        if ceiling == self.ceiling:
+            return
+        fraction = self.limit / self.ceiling if self.ceiling else 1.0
+        self.ceiling = ceiling
+        self.limit = max(min(1.0, float(ceiling)), fraction * ceiling)
+        self.value = int(self.limit) if ceiling else 0
+        self.proven = min(self.proven, ceiling)
 
 
 class Cooldown:

@@ -117,12 +117,14 @@ class Router:
             if exclude and state.name in exclude:
                 ejected += state.ejected(now)
                 continue
-            skip = state.blocked(model, now, need, panic=False)
+            skip = state.blocked(model, now, need, panic=False, batch=work.batch)
             if skip is None:
                 costs.append(state.score(now, tokens, cold, explore=not exclude))
                 eligible.append(entry)
             elif state.ejected(now):
                 ejected += 1
+            elif skip is Skip.BUSY and work.batch:
+                state.batch_wanted_at = now
         if ejected > self.config.max_eject_fraction * len(entries):
             # Panic (Envoy): with most endpoints ejected, health says more about
             # the observer than the fleet; route over them all.
@@ -130,7 +132,7 @@ class Router:
                 state = entry[0]
                 if not state.ejected(now) or (exclude and state.name in exclude):
                     continue
-                if state.blocked(model, now, need, panic=True) is None:
+                if state.blocked(model, now, need, panic=True, batch=work.batch) is None:
                     costs.append(state.score(now, tokens, cold, explore=not exclude))
                     eligible.append(entry)
         if not costs:
@@ -191,7 +193,7 @@ class Router:
                 skip = (
                     Skip.EXCLUDED
                     if state.name in exclude
-                    else state.blocked(model, now, need, panic=panic)
+                    else state.blocked(model, now, need, panic=panic, batch=work.batch)
                 )
                 cost = state.score(now, tokens, cold)
                 yield Candidate(
@@ -219,7 +221,7 @@ class Router:
         tokens = self.workload.tokens(model, work)
         reserve = self.workload.reserve(work)
         self._next_id += 1
-        probe = state.begin(self._next_id, now, tokens, reserve)
+        probe = state.begin(self._next_id, now, tokens, reserve, batch=work.batch)
         return Attempt(self._next_id, endpoint, model, work, now, tokens, reserve, probe)
 
     def succeed(self, attempt: Attempt, *, now: float, output_tokens: int | None) -> None:
@@ -298,6 +300,15 @@ class Router:
     def snapshot(self, *, now: float) -> list[EndpointStatus]:
         """Health of every endpoint, as data."""
         return [state.status(now) for state in self._states.values()]
+
+    def share(self, index: int, count: int, *, now: float) -> None:
+        """This worker is ``index`` of ``count`` live workers: hold that share of every
+        endpoint's limits (``max_concurrency``, ``rpm``, ``tpm``), so that they hold
+        for the fleet (``EndpointState.share``). ``count`` 1: the whole limits."""
+        if not 0 <= index < max(count, 1):
+            raise ValueError(f"share {index} of {count}")
+        for state in self._states.values():
+            state.share(index, count, now)
 
     def observe_remote(self, endpoint: str, *, ejected_for_s: float, now: float) -> None:
         """Another worker ejected ``endpoint``: hold it open as long (gossip hook).
