@@ -65,6 +65,8 @@ class Gossip:
         self.spend_limits = spend_limits
         self._status = status
         self._members = members
+        self._use: dict[str, dict[str, tuple[float | None, float | None]]] = {}
+        """Peer origin → what its rpm/tpm windows held, per endpoint, as it last said."""
         self.share = (0, 1)
         """This worker's rank among the live workers, and their number."""
         self.transport = StateGossip(
@@ -83,6 +85,10 @@ class Gossip:
     def _membership(self) -> None:
         live = self.transport.members()
         share = (live.index(self.transport.origin), len(live))
+        me = self.transport.origin
+        self._use = {o: use for o, use in self._use.items() if o in live}
+        peers = {rank: self._use.get(o, {}) for rank, o in enumerate(live) if o != me}
+        self.router.leave_room(len(live), peers)
         if share == self.share:
             return
         log.info(
@@ -124,6 +130,10 @@ class Gossip:
         )
         if self.transport.leaving:
             state["leaving"] = True
+        use = self.router.window_use(now=now)
+        for endpoint in state["endpoints"]:
+            rpm, tpm = use.get(endpoint["name"], (None, None))
+            endpoint["rpm_used"], endpoint["tpm_used"] = rpm, tpm
         return state
 
     def heard(self, state: dict[str, Any]) -> None:
@@ -134,6 +144,7 @@ class Gossip:
         spend = state.get("spend")
         if isinstance(spend, dict):
             self.spend_limits.heard(spend)
+        self._use[state["origin"]] = _window_use(state)
 
 
 class StateGossip:
@@ -297,3 +308,20 @@ class StateGossip:
 def _ttl_ms(interval_s: float) -> int:
     """How long a state message is worth keeping: a few intervals."""
     return int(max(5.0, 5 * interval_s) * 1000)
+
+
+def _window_use(state: Mapping[str, Any]) -> dict[str, tuple[float | None, float | None]]:
+    """What a peer's state message says its rpm/tpm windows held, per endpoint."""
+    found: dict[str, tuple[float | None, float | None]] = {}
+    endpoints = state.get("endpoints")
+    if not isinstance(endpoints, list):
+        return found
+    for e in endpoints:
+        if isinstance(e, dict) and isinstance(e.get("name"), str):
+            found[e["name"]] = (_number(e.get("rpm_used")), _number(e.get("tpm_used")))
+    return found
+
+
+def _number(value: Any) -> float | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+    return float(value) if ok else None

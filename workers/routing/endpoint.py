@@ -309,6 +309,25 @@ class EndpointState:
         if self.tpm is not None and spec.tpm is not None:
             self.tpm.set_limit(split(spec.tpm, index, count), now)
 
+    def leave(self, others_rpm: float | None, others_tpm: float | None) -> None:
+        """Cap this worker's windows at what the other live workers leave of the
+        endpoint's rpm/tpm: ``others_*`` is, summed over them, the larger of each
+        one's share and what its window reported holding (None: no peers). A
+        worker that joins thus sends only what the others' windows have room for,
+        and its share once their old requests have aged out."""
+        spec = self.spec
+        if self.rpm is not None and spec.rpm is not None:
+            self.rpm.cap = float("inf") if others_rpm is None else max(0.0, spec.rpm - others_rpm)
+        if self.tpm is not None and spec.tpm is not None:
+            self.tpm.cap = float("inf") if others_tpm is None else max(0.0, spec.tpm - others_tpm)
+
+    def window_use(self, now: float) -> tuple[float | None, float | None]:
+        """What this worker's rpm and tpm windows hold now (None: no such limit)."""
+        return (
+            None if self.rpm is None else self.rpm.used(now),
+            None if self.tpm is None else self.tpm.used(now),
+        )
+
     # --- writing -------------------------------------------------------------
 
     def begin(

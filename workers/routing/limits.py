@@ -60,7 +60,7 @@ class SlidingWindow:
     is read as the latest time seen.
     """
 
-    __slots__ = ("_entries", "_history", "_set", "_stamp", "_window", "limit", "total")
+    __slots__ = ("_entries", "_history", "_set", "_stamp", "_window", "cap", "limit", "total")
 
     def __init__(self, limit: float, window_s: float = WINDOW_S) -> None:
         self._window = window_s
@@ -75,6 +75,9 @@ class SlidingWindow:
         self.total = 0.0
         """Sum of the entries' amounts (those in the window as of the latest ``now``)."""
         self._stamp = float("-inf")
+        self.cap = float("inf")
+        """What the other workers' windows leave (``EndpointState.leave``): applies
+        at once, both ways, on top of ``limit``; revised by each state message."""
 
     def __repr__(self) -> str:
         return f"<SlidingWindow {self.total:.1f}/{self.limit:.0f} per {self._window:g}s>"
@@ -107,7 +110,14 @@ class SlidingWindow:
         nothing a caller can see (it only drops entries that have left the window)."""
         if now > self._stamp:
             self._advance(now)
-        return self._fits(need, self.total, self.limit)
+        limit = self.limit if self.limit <= self.cap else self.cap
+        return self._fits(need, self.total, limit)
+
+    def used(self, now: float) -> float:
+        """What the window holds now."""
+        if now > self._stamp:
+            self._advance(now)
+        return self.total
 
     def take(self, need: float, now: float) -> Entry:
         """Count ``need`` at ``now``; returns the entry, to :meth:`give` back part of it.
@@ -135,6 +145,10 @@ class SlidingWindow:
         if now > self._stamp:
             self._advance(now)
         now = self._stamp
+        if self.cap < self.limit and not self._fits(need, self.total, self.cap):
+            # The other workers' windows hold the rest: their next state message
+            # (about a second) says what has left them.
+            return now + 1.0
         total, limit = self.total, self.limit
         entries, history, window = self._entries, self._history, self._window
         i = j = 0

@@ -17,7 +17,7 @@ from schemas.errors import ErrorCode
 from workers.routing import timeouts
 from workers.routing.catalog import Catalog
 from workers.routing.config import EndpointSpec, ModelRules, RoutingConfig, Work
-from workers.routing.endpoint import EndpointState
+from workers.routing.endpoint import EndpointState, split
 from workers.routing.failures import FailureKind
 from workers.routing.policy import LatencyPolicy, Policy
 from workers.routing.values import Attempt, Candidate, Choice, EndpointStatus, NoChoice, Skip
@@ -309,6 +309,32 @@ class Router:
             raise ValueError(f"share {index} of {count}")
         for state in self._states.values():
             state.share(index, count, now)
+
+    def window_use(self, *, now: float) -> dict[str, tuple[float | None, float | None]]:
+        """Per endpoint, what this worker's rpm and tpm windows hold (for the state message)."""
+        return {name: state.window_use(now) for name, state in self._states.items()}
+
+    def leave_room(
+        self,
+        count: int,
+        peers: Mapping[int, Mapping[str, tuple[float | None, float | None]]],
+    ) -> None:
+        """Cap this worker's windows at what the peers leave. ``peers``: each live
+        peer's rank → its reported window use per endpoint (a peer that reported
+        nothing counts at its full share)."""
+        for name, state in self._states.items():
+            spec = state.spec
+            if not peers:
+                state.leave(None, None)
+                continue
+            rpm = tpm = 0.0
+            for rank, use in peers.items():
+                used_rpm, used_tpm = use.get(name, (None, None))
+                if spec.rpm is not None:
+                    rpm += max(split(spec.rpm, rank, count), used_rpm or 0.0)
+                if spec.tpm is not None:
+                    tpm += max(split(spec.tpm, rank, count), used_tpm or 0.0)
+            state.leave(rpm, tpm)
 
     def observe_remote(self, endpoint: str, *, ejected_for_s: float, now: float) -> None:
         """Another worker ejected ``endpoint``: hold it open as long (gossip hook).
