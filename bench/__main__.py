@@ -1,9 +1,10 @@
 """``python -m bench <name>|all|summary [--quick]``: run llmq's benchmarks.
 
 Names: ceiling, overhead (ceiling and llmq side by side), concurrency, burst,
-routing, gateway, pick, fleet, worker_throughput. ``all`` runs overhead
-(which includes the ceiling, so the ratios come from one invocation),
-concurrency, burst, routing, gateway, pick and fleet, each in its own
+routing, gateway, pick, fleet, worker_throughput, priority, fleet_limits.
+``all`` runs overhead (which includes the ceiling, so the ratios come from
+one invocation), concurrency, burst, routing, gateway, pick, fleet, priority
+and fleet_limits, each in its own
 process (a failure or a pinned CPU in one does not affect the next), then
 prints the summary of headline figures against the issue's targets and
 writes bench/results/summary.json. ``summary`` rebuilds that from the
@@ -11,7 +12,7 @@ results already on disk. ``--quick`` is a short smoke run of everything
 (~2 minutes); its results go to ``*_quick`` files next to the real ones.
 
 ``make bench`` = ``python -m bench all`` in .venv-bench. The whole suite
-takes under ~15 minutes on 2 cores.
+takes about 20 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -44,9 +45,21 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "pick": ("bench.pick", [], ["--picks", "5000", "--runs", "3"]),
     "fleet": ("bench.fleet_ceiling", [], ["--requests", "5000", "--wrk-seconds", "2"]),
     "worker_throughput": ("bench.worker_throughput", [], ["--jobs", "3000"]),
+    "priority": ("bench.priority", [], ["--quick"]),
+    "fleet_limits": ("bench.fleet_limits", [], ["--quick"]),
 }
-ALL = ["overhead", "concurrency", "burst", "routing", "gateway", "pick", "fleet"]
-TIMEOUT_S = {"routing": 900, "burst": 600}
+ALL = [
+    "overhead",
+    "concurrency",
+    "burst",
+    "routing",
+    "gateway",
+    "pick",
+    "fleet",
+    "priority",
+    "fleet_limits",
+]
+TIMEOUT_S = {"routing": 900, "burst": 600, "priority": 900, "fleet_limits": 600}
 
 
 def available(module: str) -> bool:
@@ -317,12 +330,63 @@ def summary_rows() -> list[dict[str, Any]]:
                     f"{pol[first]['pick_us']:.1f} / {pol[first]['cycle_us']:.1f} µs",
                 )
             )
+    rows += _priority_rows()
     f = _load("fleet_ceiling")
     if f:
         srv = f.get("results", {}).get("server", {})
         best = (srv.get("wrk") or srv.get("python_client") or {}).get("rps")
         if best:
             rows.append(_row("fleet", "fake endpoint ceiling (one core)", f"{best:,.0f} req/s"))
+    return rows
+
+
+def _priority_rows() -> list[dict[str, Any]]:
+    """Issue #13: interactive before a batch backlog; limits held by a changing fleet."""
+    rows: list[dict[str, Any]] = []
+    p = _load("priority")
+    for r in (p or {}).get("runs", []):
+        w = f"{r['workers']} worker(s), {r['backlog']:,} batch backlog"
+        alone = r["interactive_alone_ms"].get("p99_ms")
+        backed = r["interactive_with_backlog_ms"].get("p99_ms")
+        rows.append(
+            _row(
+                "priority",
+                f"interactive p99 with / without backlog, {w}",
+                f"{_ms(backed)} / {_ms(alone)} (x{r['p99_ratio']})",
+                "<= 1.25x",
+                bool(r["pass_p99"]),
+            )
+        )
+        rows.append(
+            _row(
+                "priority",
+                f"batch drain beside interactive, {w}",
+                f"{r['batch_with_interactive_per_s']:.0f}/s of {r['batch_alone_per_s']:.0f}/s"
+                f" - {r['interactive_rate']:.0f}/s interactive ({r['drain_share_of_free']:.0%})",
+                ">= 90% of the free capacity",
+                bool(r["pass_drain"]),
+            )
+        )
+    f = _load("fleet_limits")
+    if f:
+        rows.append(
+            _row(
+                "fleet_limits",
+                f"peak in flight, {f['workers']}",
+                str(f["peak_in_flight"]),
+                f"<= {f['max_concurrency']}",
+                bool(f["pass_concurrency"]),
+            )
+        )
+        rows.append(
+            _row(
+                "fleet_limits",
+                "most requests in any 60 s",
+                str(f["max_requests_in_any_60s"]),
+                f"<= {f['rpm']}",
+                bool(f["pass_rpm"]),
+            )
+        )
     return rows
 
 

@@ -222,13 +222,13 @@ class EndpointServer:
             parse = _OPENAI_POSTS.get(path)
             if parse is None:
                 return None
-            self.stats.requests += 1
+            self.stats.arrive(time.monotonic())
             if self._auth is not None and request.headers.get("Authorization") != self._auth:
                 return self._answer(401, self._bad_key(request))
             call = parse(await request.read(), self.endpoint.models)
             return await self._call(request, call, OPENAI)
         if path == "/v1/models" and method == "GET":
-            self.stats.requests += 1
+            self.stats.arrive(time.monotonic())
             if self._auth is not None and request.headers.get("Authorization") != self._auth:
                 return self._answer(401, self._bad_key(request))
             return self._answer(200, models_body(self.endpoint.models, 0, "fleet"))
@@ -239,7 +239,7 @@ class EndpointServer:
         target = azure.deployment_call(request.path)
         if target is None or request.method != "POST":
             return None
-        self.stats.requests += 1
+        self.stats.arrive(time.monotonic())
         deployment, operation = target
         version = request.query.get("api-version")
         refused = None if self._azure_key_ok(request) else self._azure_bad_key(request)
@@ -265,7 +265,7 @@ class EndpointServer:
         """Anthropic's Messages API: the headers, then the request as strictly as Anthropic."""
         if request.path != "/v1/messages" or request.method != "POST":
             return None
-        self.stats.requests += 1
+        self.stats.arrive(time.monotonic())
         refused = anthropic.check_headers(request.headers, self._key, self.endpoint.echo_key)
         call = refused or anthropic.parse_messages(await request.read(), self.endpoint.models)
         return await self._call(request, call, anthropic.DIALECT)

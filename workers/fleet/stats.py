@@ -7,6 +7,7 @@ gave up before the answer.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,19 @@ class EndpointStats:
     hangs: int = 0
     dropped: int = 0
     """Completions whose client went away before the answer (hangs not counted)."""
+    max_per_minute: int = 0
+    """Most requests that arrived within any 60 seconds (what a provider's rpm counts)."""
+    _arrivals: deque[float] = field(default_factory=deque, repr=False)
+
+    def arrive(self, now: float) -> None:
+        """Count one request arriving at ``now`` (monotonic seconds)."""
+        self.requests += 1
+        arrivals = self._arrivals
+        arrivals.append(now)
+        while arrivals[0] <= now - 60.0:
+            arrivals.popleft()
+        if len(arrivals) > self.max_per_minute:
+            self.max_per_minute = len(arrivals)
 
     def status(self, code: int) -> None:
         """Count one answer with HTTP status ``code``."""
@@ -46,7 +60,8 @@ class EndpointStats:
 
     def reset(self) -> None:
         """Zero the counters; the gauges keep their live values."""
-        self.requests = self.hangs = self.dropped = 0
+        self.requests = self.hangs = self.dropped = self.max_per_minute = 0
+        self._arrivals.clear()
         self.by_status = {}
         self.outcomes = {}
         self.max_in_flight = self.in_flight
@@ -62,6 +77,7 @@ class EndpointStats:
             queued=self.queued,
             hangs=self.hangs,
             dropped=self.dropped,
+            max_per_minute=self.max_per_minute,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -75,4 +91,5 @@ class EndpointStats:
             "queued": self.queued,
             "hangs": self.hangs,
             "dropped": self.dropped,
+            "max_per_minute": self.max_per_minute,
         }
