@@ -52,6 +52,21 @@ BODY = orjson.dumps(
 )
 
 
+class CodedProducer(Producer):
+    """A producer that also counts its error replies by code."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.codes: dict[str, int] = {}
+
+    async def _on_reply(self, message: Any) -> None:
+        if b'"status":"ok"' not in message.body:
+            error = orjson.loads(message.body).get("error") or {}
+            code = str(error.get("code")) if isinstance(error, dict) else "?"
+            self.codes[code] = self.codes.get(code, 0) + 1
+        await super()._on_reply(message)
+
+
 def scenario(directory: Path) -> Path:
     text = f"""seed = 5
 [[endpoints]]
@@ -106,7 +121,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 await wait_for_consumers(url, "llmq.q.interactive", 4)
                 await asyncio.sleep(2.0)  # the four hear each other: shares of 4
-                producer = Producer(url, routing_key="interactive", sla_ms=900_000, body=BODY)
+                producer = CodedProducer(url, routing_key="interactive", sla_ms=900_000, body=BODY)
                 async with producer, aiohttp.ClientSession() as session:
                     jobs = int(args.seconds * RPM / 60 * 1.5)  # more than the limit allows
                     for _ in range(jobs):
@@ -151,6 +166,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "requests": final["requests"],
         "answered_during_run": answered,
         "errors": producer.errors,
+        "error_codes": producer.codes,
         "samples": samples,
         "pass_concurrency": peak <= MAX_CONCURRENCY,
         "pass_rpm": per_minute <= RPM,

@@ -36,7 +36,7 @@ def settings_for(make_settings: Callable[..., Settings], fleet: Fleet, **worker:
 
 async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
-        while not predicate():
+        while not predicate():  # noqa: ASYNC110 - polling state set by gossip callbacks
             await asyncio.sleep(0.02)
 
 
