@@ -107,6 +107,8 @@ class TopologySettings(_Strict):
     """Deliveries of one job before the broker dead-letters it (poison guard)."""
     state_exchange: str = Field(default="llmq.state", pattern=_NAME)
     """Fanout exchange the workers share their state, health and spend on."""
+    spend_stream: str = Field(default="llmq.spend", pattern=_NAME)
+    """Stream the workers keep the month's spend in across restarts (workers/spend_store.py)."""
     classes: dict[str, ClassSettings] = Field(default_factory=_default_classes)
 
     def queue_name(self, sla_class: str) -> str:

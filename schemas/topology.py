@@ -20,7 +20,19 @@ from typing import Any
 
 from schemas.settings import TopologySettings
 
-__all__ = ["Binding", "Exchange", "Queue", "Topology", "plan"]
+__all__ = [
+    "SPEND_STREAM_MAX_BYTES",
+    "SPEND_STREAM_SEGMENT_BYTES",
+    "Binding",
+    "Exchange",
+    "Queue",
+    "Topology",
+    "plan",
+]
+
+SPEND_STREAM_MAX_BYTES = 8_000_000
+"""What the spend stream keeps: the newest ~8 MB of snapshots (docs/operations.md)."""
+SPEND_STREAM_SEGMENT_BYTES = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +62,7 @@ class Topology:
 
 
 def plan(settings: TopologySettings) -> Topology:
-    """Exchanges, quorum queues and bindings for the configured SLA classes."""
+    """Exchanges, quorum queues, the spend stream and bindings for the SLA classes."""
     work_args: dict[str, Any] = {
         "x-queue-type": "quorum",
         "x-dead-letter-exchange": settings.dead_exchange,
@@ -72,6 +84,19 @@ def plan(settings: TopologySettings) -> Topology:
                 "x-queue-type": "quorum",
                 "x-overflow": "reject-publish",
                 "x-max-length": settings.dead_max_length,
+            },
+        )
+    )
+    # The fleet's monthly spend across restarts (workers/spend_store.py): each
+    # message a full snapshot, so only the newest few matter; small segments
+    # let the byte limit drop old ones (retention removes whole segments).
+    queues.append(
+        Queue(
+            settings.spend_stream,
+            {
+                "x-queue-type": "stream",
+                "x-max-length-bytes": SPEND_STREAM_MAX_BYTES,
+                "x-stream-max-segment-size-bytes": SPEND_STREAM_SEGMENT_BYTES,
             },
         )
     )

@@ -37,6 +37,7 @@ from workers.preflight import preflight
 from workers.providers import adapter_for
 from workers.routing import EndpointSpec, Router, RoutingConfig
 from workers.spend_gate import SpendGate
+from workers.spend_store import SpendStore
 from workers.telemetry import Telemetry
 from workers.tracing import traced
 from workers.upstream import Upstream, make_upstream
@@ -125,6 +126,11 @@ class Worker:
             members=self._share,
         )
         self.telemetry.peers = self.gossip.peer_count
+        self.spend_store = SpendStore(
+            settings.topology.spend_stream,
+            self.telemetry.spend_limits,
+            state_interval_s=settings.worker.state_interval_s,
+        )
         self.spend = SpendGate(
             settings,
             self.telemetry.spend_limits,
@@ -198,6 +204,7 @@ class Worker:
         )
         await self.telemetry.start(ready=self._ready)
         await self.gossip.start(self._publish_conn, self._consume_conn)
+        await self.spend_store.start(self._publish_conn, self._consume_conn)  # before any job
         # Peers answer a new worker at once: learn the fleet (and so this worker's
         # share of every endpoint's limits) before taking any job.
         await self.gossip.settle(_JOIN_S)
@@ -240,6 +247,7 @@ class Worker:
                 await queue.cancel(tag)
         self._consumers.clear()
         await self.deliveries.drain(grace)
+        await self.spend_store.stop()  # after the drain: the last snapshot has every job
         await self.gossip.leave()  # after the drain: nothing of ours is in flight now
         await self.gossip.stop()
         await self.telemetry.stop()

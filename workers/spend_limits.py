@@ -13,7 +13,8 @@ module gives it the clock (the UTC month), turns its alerts into
 :class:`~workers.events.SpendAlert` events and exposes the gossip payload.
 The fleet's spend is what this worker spent plus what it has heard from the
 others over ``topology.state_exchange`` (``workers.state``): eventually
-consistent within about a gossip interval, kept in memory only. See
+consistent within about a gossip interval. Restarts keep it through the
+snapshots in ``topology.spend_stream`` (``workers.spend_store``). See
 docs/observability.md, "Budgets".
 """
 
@@ -126,6 +127,12 @@ class SpendLimits:
         if not self.enabled:
             return None
         return self.ledger.payload(month=month_of(self._clock()), full=full)
+
+    def snapshot(self) -> dict[str, Any] | None:
+        """Every origin's spend this month, for the broker to keep; None without budgets."""
+        if not self.enabled:
+            return None
+        return self.ledger.snapshot(month=month_of(self._clock()))
 
     def heard(self, payload: Mapping[str, Any]) -> None:
         """Fold in the spend a peer reported."""

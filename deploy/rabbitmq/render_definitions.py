@@ -92,6 +92,9 @@ def roles(topo: TopologySettings | None = None) -> list[Role]:
     state_name = getattr(t, "state_exchange", "llmq.state")
     state_exchange = re.escape(state_name)
     state_queue = re.escape(state_name) + r"\..+"
+    # The spend stream (workers/spend_store.py): workers read it, and write it
+    # through the default exchange (write on amq.default, which they have).
+    spend = re.escape(t.spend_stream)
     producer = Role(
         name="llmq-producer",
         purpose="services, `llmq submit`: publish jobs, read own replies",
@@ -123,7 +126,7 @@ def roles(topo: TopologySettings | None = None) -> list[Role]:
             purpose="`llmq worker --no-declare`: consume work, publish replies and dead letters",
             configure=_any(state_queue),
             write=_any(r"amq\.default", dlx, state_exchange, state_queue),
-            read=_any(work, state_exchange, state_queue),
+            read=_any(work, state_exchange, state_queue, spend),
         ),
         Role(
             name="llmq-operator",

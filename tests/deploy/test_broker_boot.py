@@ -220,7 +220,8 @@ def test_the_deploy_config_boots_with_its_settings_and_definitions(node: Node) -
     assert evaluated.stdout.strip() == f"{{ok,{_conf_value('consumer_timeout')}}}"
     status, queues = node.api("llmq-admin", f"queues/{quote(node.vhost, safe='')}")
     assert status == 200
-    assert {q["name"]: q["type"] for q in queues} == {q.name: "quorum" for q in plan(TOPO).queues}
+    types = {q.name: q.arguments["x-queue-type"] for q in plan(TOPO).queues}
+    assert {q["name"]: q["type"] for q in queues} == types  # quorum, and the spend stream
     status, exchanges = node.api("llmq-admin", f"exchanges/{quote(node.vhost, safe='')}")
     assert {e.name for e in plan(TOPO).exchanges} <= {e["name"] for e in exchanges}
     status, users = node.api("llmq-admin", "users")

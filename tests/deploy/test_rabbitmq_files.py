@@ -100,8 +100,8 @@ def test_permissions_are_least_privilege(definitions: dict[str, Any]) -> None:
     on a real broker)."""
     work = [TOPO.queue_name(c) for c in sorted(TOPO.classes)]
     dead, jobs, dlx = TOPO.dead_queue, TOPO.jobs_exchange, TOPO.dead_exchange
-    state = TOPO.state_exchange
-    everything = [*work, dead, jobs, dlx, state, "amq.default", "llmq.reply.0a1b", "x"]
+    state, spend = TOPO.state_exchange, TOPO.spend_stream
+    everything = [*work, dead, jobs, dlx, state, spend, "amq.default", "llmq.reply.0a1b", "x"]
 
     def admitted(user: str, kind: str) -> set[str]:
         return {n for n in everything if matches(perms(definitions, user)[kind], n)}
@@ -112,7 +112,7 @@ def test_permissions_are_least_privilege(definitions: dict[str, Any]) -> None:
 
     assert admitted("llmq-worker", "configure") == set()  # plus its own llmq.state.<id>
     assert admitted("llmq-worker", "write") == {"amq.default", dlx, state}
-    assert admitted("llmq-worker", "read") == {*work, state}
+    assert admitted("llmq-worker", "read") == {*work, state, spend}
 
     assert admitted("llmq-operator", "configure") == set()
     assert admitted("llmq-operator", "write") == {jobs}

@@ -348,6 +348,44 @@ async def test_worker_serves_jobs_replies_and_dead_letters_with_only_its_permiss
         await refused(conn, delete(WORK_QUEUES[0]))
 
 
+async def test_worker_keeps_spend_in_the_stream_with_only_its_permissions(
+    deployed: Deployed, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """llmq-worker writes its spend snapshots to llmq.spend (through amq.default) and a
+    worker started later reads them back: the month survives a restart."""
+    monkeypatch.setenv("LLMQ_TEST_FLEET_KEY", FLEET_KEY)
+    monkeypatch.delenv("LLMQ_CONFIG", raising=False)
+    async with running_fleet({"name": "up", "models": ["m1"], "output_tokens": 10}) as fleet:
+        settings = load_settings(
+            None,
+            broker={"url": deployed.url("llmq-worker")},
+            endpoints=[
+                {
+                    "name": "up",
+                    "base_url": fleet.url("up"),
+                    "api_key_env": "LLMQ_TEST_FLEET_KEY",
+                    "models": ["m1"],
+                    "output_per_mtok": 1e6,  # 10 USD a job
+                }
+            ],
+            budgets={"models": {"m1": {"monthly_usd": 1000}}},
+            metrics={"enabled": False},
+        )
+        spent = []
+        for _ in range(2):
+            worker = Worker(settings, declare_topology=False)
+            await worker.start()
+            try:
+                async with LlmqClient(deployed.url("llmq-producer")) as client:
+                    ok = await client.call(chat("m1", max_tokens=10), timeout_s=20)
+                    assert ok["status"] == "ok", ok
+                spent.append(worker.telemetry.spend_limits.ledger.spent("model:m1"))
+            finally:
+                await worker.stop(grace_s=5)
+    assert spent == [10, 20]  # the second worker started knowing the first one's 10 USD
+    assert not [r for r in caplog.records if "spend stream" in r.getMessage()]
+
+
 async def test_operator_replays_dead_letters_and_touches_nothing_else(
     deployed: Deployed,
 ) -> None:

@@ -88,6 +88,7 @@ async def test_two_workers_share_spend_without_double_counting(
     make_settings: Callable[..., Settings], connection: aio_pika.abc.AbstractConnection
 ) -> None:
     """Each worker's view of the month is the true total, not twice it; a late joiner learns it."""
+    p = uuid.uuid4().hex[:8]
     async with running_fleet(
         {"name": "a", "models": ["m1"], "output_tokens": 10, "latency_ms": 20}
     ) as fleet:
@@ -95,7 +96,8 @@ async def test_two_workers_share_spend_without_double_counting(
             fleet,
             endpoints=priced(fleet),
             budgets={"models": {"m1": {"monthly_usd": 1_000_000}}},
-            topology={"state_exchange": f"state.{uuid.uuid4().hex[:8]}"},
+            # Its own state and spend stream: the module's first test spent on m1 too.
+            topology={"state_exchange": f"state.{p}", "spend_stream": f"spend.{p}"},
             worker={"state_interval_s": 0.2},
             metrics={"enabled": False},
         )

@@ -40,7 +40,7 @@ async def test_apply_is_idempotent_and_routes(amqp_url: str) -> None:
         first = await apply_topology(connection, topo)
         second = await apply_topology(connection, topo)
         assert first == second
-        assert (first.exchanges, first.queues, first.bindings) == (3, 3, 3)
+        assert (first.exchanges, first.queues, first.bindings) == (3, 4, 3)  # + the spend stream
 
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         jobs = await channel.get_exchange("t1.jobs")

@@ -6,7 +6,9 @@ of the others arrive by gossip and merge by ``max``. The fleet's spend is the
 sum over origins, so a message heard twice, heard late, or relayed by a third
 worker never counts twice, and N replicas never multiply it. A worker that
 starts late (or restarts, as a new origin) learns the month so far from any
-peer's full payload.
+peer's full payload, or from the snapshots kept in the broker
+(:meth:`SpendLedger.snapshot`, ``workers/spend_store.py``): a snapshot merges
+like a payload, so reading one twice, or several that overlap, counts once.
 
 Alerts fire once per threshold per month: the highest threshold alerted for a
 budget travels with the spend and merges by ``max`` too, so a peer that hears
@@ -26,8 +28,9 @@ month's spend on a budget ends at most
 
 where, at the moment of the fleet's last grant under that budget, R_j is
 worker j's reservations in flight and G_j the spend of j not yet heard by the
-granting worker (gossip lag: about one state interval's spend, or everything
-j spent this month for a worker that has not yet heard j). R_j is at most
+granting worker (gossip lag: about one state interval's spend, or, for a
+worker that has not yet heard j, what j spent since its last snapshot read
+from the broker). R_j is at most
 j's concurrent jobs × the largest estimate, and never more than the limit.
 One worker alone never passes the limit; W workers pass it by at most
 (W − 1) × one worker's in-flight estimate + the gossip lag. Any cost above
@@ -303,6 +306,17 @@ class SpendLedger:
             origins = {o: dict(c) for o, c in self._counts.items()}
         else:
             origins = {self.origin: dict(self._counts.get(self.origin, {}))}
+        return {"month": month, "origins": origins, "alerted": dict(self._alerted)}
+
+    def snapshot(self, *, month: str) -> dict[str, Any]:
+        """Every origin's counts and the alert marks, for the broker to keep.
+
+        Like a full :meth:`payload` without its side effect (gossip still owes a
+        newcomer its full payload), and without the origins that never spent:
+        every worker start is an origin, and most never spend under a budget.
+        """
+        self._roll(month)
+        origins = {o: dict(c) for o, c in self._counts.items() if c}
         return {"month": month, "origins": origins, "alerted": dict(self._alerted)}
 
     def merge(self, payload: Mapping[str, Any], *, month: str) -> list[Alert]:
