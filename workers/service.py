@@ -291,6 +291,7 @@ class Worker:
             result = await self._dispatcher.run(job, model, deadline=deadline, hedge=hedge)
             total_ms = round((time.time() * 1000) - job.published_ms, 3)
             if isinstance(result, Failed):
+                self.spend.failed(hold, job, result)  # attempts billed but not answered
                 record = RoutingRecord(
                     queue_ms,
                     result.model or model,

@@ -2,9 +2,18 @@
 
 ``before`` reserves the job's worst case against the hard-capped spend
 limits (or refuses it: ``over_budget``); ``after`` charges the answer's real
-cost and reports it; ``release`` hands back whatever was not charged. The
-worker's route owns the hold between the two and releases it in a
-``finally``, so concurrent jobs can never spend past a cap together.
+cost and reports it; ``failed`` charges a job that ended without one;
+``release`` hands back whatever was not charged. The worker's route owns
+the hold between them and releases it in a ``finally``, so concurrent jobs
+can never spend past a cap together.
+
+Attempts billed but not answered: a hedge's loser (cancelled after it was
+sent) and an attempt that timed out were sent to the provider, which bills
+their prompt at least. Each is charged once, on success and on failure alike,
+an **estimate**: its prompt tokens as the dispatcher counted them (the
+body's characters ÷ 4) at that endpoint's input price for that model, with no
+output (what it generated before the cancel is unknown). The winner is
+charged its reported usage once, as before; losers are never in it.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ from collections.abc import Callable
 
 from schemas.codec import Job
 from schemas.settings import Settings
-from workers.attempts import Served
+from workers.attempts import Abandoned, Failed, Served
 from workers.events import Event, Spent
 from workers.price_catalogue import bundled
 from workers.prices import PriceBook, Rates
@@ -60,7 +69,34 @@ class SpendGate:
         # Paid now, whatever happens to the reply: limits and cost count it here.
         self.limits.settle(hold, cost, model=served.model)
         self._hook(Spent(served.model, served.endpoint, job.tenant, usage_in, usage_out, cost))
+        self._abandoned(job, served.abandoned)
         return cost
+
+    def failed(self, hold: Hold, job: Job, failed: Failed) -> float:
+        """A job that ended without an answer: release its hold, charge the estimates
+        of its attempts billed but not answered; returns what was charged."""
+        self.limits.release(hold)
+        return self._abandoned(job, failed.abandoned)
+
+    def estimate_usd(self, attempt: Abandoned) -> float:
+        """What an abandoned attempt is charged: its prompt tokens at the input price."""
+        try:
+            price = self.prices[attempt.endpoint, attempt.model]
+        except KeyError:  # not an (endpoint, model) of this configuration
+            return 0.0
+        return price.cost_usd(attempt.prompt_tokens, 0)
+
+    def _abandoned(self, job: Job, attempts: tuple[Abandoned, ...]) -> float:
+        total = 0.0
+        for attempt in attempts:
+            cost = self.estimate_usd(attempt)
+            if cost <= 0:
+                continue
+            self.limits.spend(attempt.model, job.tenant, cost)
+            # In llmq_cost_usd_total with the answers; no tokens: none were reported.
+            self._hook(Spent(attempt.model, attempt.endpoint, job.tenant, None, None, cost))
+            total += cost
+        return total
 
     def release(self, hold: Hold) -> None:
         self.limits.release(hold)  # a no-op once charged
