@@ -212,6 +212,8 @@ class Routing(BaseModel):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cost_usd: float | None = None
+    via: str | None = None
+    """``fallback`` or ``overflow`` when ``model`` is not the model the job asked for."""
 
 
 class Reply(BaseModel):

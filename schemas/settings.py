@@ -304,7 +304,11 @@ class EndpointSettings(_Strict):
 class ModelSettings(_Strict):
     aliases: list[str] = Field(default_factory=list)
     fallbacks: list[str] = Field(default_factory=list)
-    """Models tried, in order, when no endpoint of this one is usable."""
+    """Models tried, in order, when no endpoint of this one is usable (down, ejected,
+    cooling down, unusable) — not when it is merely at capacity: then jobs wait."""
+    overflow_to: list[str] = Field(default_factory=list)
+    """Models tried, in order, when this one is at capacity (an endpoint full or out
+    of rpm/tpm for now), before waiting for it."""
     max_output_tokens: int | None = Field(default=None, ge=1)
     """The most ``max_tokens`` / ``max_completion_tokens`` a job may ask for."""
     max_n: int = Field(default=8, ge=1, le=128)
@@ -544,14 +548,22 @@ class Settings(BaseSettings):
                 if alias in seen:
                     raise ValueError(f"{where}: alias {alias!r} is also given to {seen[alias]!r}")
                 seen[alias] = model
-            for fallback in spec.fallbacks:
-                if fallback not in served:
-                    raise ValueError(f"models.{model}.fallbacks: no endpoint serves {fallback!r}")
-                if model in kinds and kinds[fallback] != kinds[model]:
-                    raise ValueError(
-                        f"models.{model}.fallbacks: {fallback!r} is a {kinds[fallback]} model,"
-                        f" {model!r} a {kinds[model]} model"
-                    )
+            for field, others in (("fallbacks", spec.fallbacks), ("overflow_to", spec.overflow_to)):
+                for other in others:
+                    if other not in served:
+                        raise ValueError(f"models.{model}.{field}: no endpoint serves {other!r}")
+                    if model in kinds and kinds[other] != kinds[model]:
+                        raise ValueError(
+                            f"models.{model}.{field}: {other!r} is a {kinds[other]} model,"
+                            f" {model!r} a {kinds[model]} model"
+                        )
+            if spec.overflow_to and model not in served:
+                raise ValueError(
+                    f"models.{model}.overflow_to: no endpoint serves {model!r} itself, so it"
+                    " is never at capacity (use fallbacks)"
+                )
+            if model in spec.overflow_to:
+                raise ValueError(f"models.{model}.overflow_to: names {model!r} itself")
         for model in self.budgets.models:
             if self.endpoints and model not in served:
                 raise ValueError(

@@ -63,6 +63,7 @@ class Served:
     hedged: bool
     upstream_ms: float
     abandoned: tuple[Abandoned, ...] = ()
+    via: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +246,7 @@ class Dispatcher:
             progress.hedged,
             (self._clock() - started) * 1000,
             tuple(lost),
+            choice.via,
         )
 
     def _next(self, progress: Progress, failure: UpstreamFailure, model: str, work: Work) -> Step:

@@ -36,6 +36,10 @@ class RoutingRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cost_usd: float | None = None
+    via: str | None = None
+    """How ``model`` was reached when it is not the one the job asked for:
+    ``fallback`` (that one had no usable endpoint) or ``overflow`` (it was at
+    capacity); None otherwise. Last, so that positional construction keeps working."""
 
     def wire(self) -> dict[str, Any]:
         """The reply's ``routing`` object: the known facts."""

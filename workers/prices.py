@@ -222,12 +222,12 @@ class PriceBook:
 
     def worst(self, models: Mapping[str, ModelSettings]) -> dict[str, Rates]:
         """Per canonical model, the highest rates among the endpoints that may serve it,
-        its fallbacks' included: what a hard cap reserves."""
+        its fallbacks' and overflow models' included: what a hard cap reserves."""
         served: dict[str, Rates] = {}
         for price in self:
             served[price.model] = served.get(price.model, Rates()).highest(price.worst)
         worst = dict(served)
         for model, spec in models.items():
-            for fallback in spec.fallbacks:
-                worst[model] = worst.get(model, Rates()).highest(served.get(fallback, Rates()))
+            for other in (*spec.fallbacks, *spec.overflow_to):
+                worst[model] = worst.get(model, Rates()).highest(served.get(other, Rates()))
         return worst

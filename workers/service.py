@@ -322,6 +322,7 @@ class Worker:
             prompt_tokens=served.reply.prompt_tokens,
             completion_tokens=served.reply.completion_tokens,
             cost_usd=cost,
+            via=served.via,
         )
         body = encode_reply(job.job_id, response=served.reply.body, routing=record.wire())
         return Outcome(

@@ -503,6 +503,7 @@ ROUTING = {
     "prompt_tokens": 21,
     "completion_tokens": 7,
     "cost_usd": 0.0001,
+    "via": "fallback",
 }
 
 

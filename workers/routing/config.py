@@ -26,6 +26,9 @@ class ModelRules(Protocol):
     @property
     def fallbacks(self) -> Sequence[str]: ...
 
+    @property
+    def overflow_to(self) -> Sequence[str]: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Work:

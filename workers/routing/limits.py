@@ -113,6 +113,11 @@ class SlidingWindow:
         limit = self.limit if self.limit <= self.cap else self.cap
         return self._fits(need, self.total, limit)
 
+    @property
+    def shut(self) -> bool:
+        """The limit set is 0: nothing is admitted until another is set (``ready_at`` None)."""
+        return self._set <= 0
+
     def used(self, now: float) -> float:
         """What the window holds now."""
         if now > self._stamp:

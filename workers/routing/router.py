@@ -5,8 +5,18 @@ seconds) and randomness (``rand() -> [0, 1)``) and does all I/O. One Router
 per worker process; it is not thread-safe (the worker is one event loop).
 
 Per job: ``pick`` → ``begin`` → one of ``succeed`` / ``fail`` / ``cancel``.
-Models: a name may be an alias; ``pick`` tries the model's endpoints, then
-each configured fallback model in order (direct fallbacks only, no chains).
+
+Models: a name may be an alias. ``pick`` walks the model's chain — the model,
+then its ``fallbacks`` — past every step that is unusable (no endpoint it may
+use for a health reason: ejected, probing, cooling down, unusable), and stops
+at the first that is usable (a ``Choice``) or only at capacity (an endpoint
+full, out of rpm/tpm for now, or with its cold probe out): a job waits for
+its own model (``NoChoice`` OVER_CAPACITY, which the dispatcher waits on)
+rather than being served by a fallback because the model is busy. When the
+requested model itself is at capacity, its ``overflow_to`` models are tried
+first, in order. ``Choice.via`` says which way the model was reached.
+Endpoints a retry or hedge excludes are neither usable nor capacity: a model
+whose other endpoints are down falls back. See :mod:`catalog`.
 """
 
 from __future__ import annotations
@@ -20,7 +30,16 @@ from workers.routing.config import EndpointSpec, ModelRules, RoutingConfig, Work
 from workers.routing.endpoint import EndpointState, split
 from workers.routing.failures import FailureKind
 from workers.routing.policy import LatencyPolicy, Policy
-from workers.routing.values import Attempt, Candidate, Choice, EndpointStatus, NoChoice, Skip
+from workers.routing.values import (
+    FALLBACK,
+    OVERFLOW,
+    Attempt,
+    Candidate,
+    Choice,
+    EndpointStatus,
+    NoChoice,
+    Skip,
+)
 from workers.routing.workload import Workload
 
 __all__ = ["Router"]
@@ -28,6 +47,19 @@ __all__ = ["Router"]
 
 def _half() -> float:
     return 0.5
+
+
+def _waits_for(state: EndpointState, skip: Skip) -> bool:
+    """Whether ``skip`` is capacity that comes back by itself or on a completion.
+
+    A share of 0 (more workers than the endpoint's slots, or an rpm/tpm share of 0)
+    never does: for this worker that endpoint is as good as down."""
+    if skip is Skip.BUSY:
+        return state.capacity.value > 0
+    if skip is Skip.RATE_LIMIT:
+        rpm, tpm = state.rpm, state.tpm
+        return not ((rpm is not None and rpm.shut) or (tpm is not None and tpm.shut))
+    return skip is Skip.COLD_PROBE
 
 
 class Router:
@@ -90,19 +122,66 @@ class Router:
         rand: Callable[[], float],
         exclude: frozenset[str] = frozenset(),
     ) -> Choice | NoChoice:
-        """The endpoint for ``work`` now, trying fallback models in order."""
-        chain = self.catalog.chain(model)
+        """The endpoint for ``work`` now: the model's; when it is at capacity, an
+        overflow model's or none (wait); when it is unusable, a fallback's."""
+        catalog = self.catalog
+        chain = catalog.chain(model)
         if chain is None:
             return NoChoice(ErrorCode.UNKNOWN_MODEL, f"no endpoint serves model {model!r}", None)
-        for name in chain:
-            choice = self._pick_model(name, work, now, rand, exclude)
-            if choice is not None:
-                return choice
-        return self._no_choice(chain, work, now, exclude)
+        # Panic (route over ejected endpoints) is for a model with some endpoint
+        # left, or, once the whole chain is down, a last resort: a model whose
+        # endpoints are all ejected is down, and its fallbacks come first (as
+        # Envoy spills to lower priorities before it panics).
+        for last_resort in (False, True):
+            picked = self._walk(model, chain, work, now, rand, exclude, last_resort)
+            if picked is not None:
+                return picked
+        return self._no_choice(chain, work, now, exclude, last_resort=True)
+
+    def _walk(
+        self,
+        model: str,
+        chain: Sequence[str],
+        work: Work,
+        now: float,
+        rand: Callable[[], float],
+        exclude: frozenset[str],
+        last_resort: bool,
+    ) -> Choice | NoChoice | None:
+        """Along the chain past unusable steps: a Choice, a NoChoice to wait for a
+        step at capacity (after its overflow models), or None: all unusable."""
+        own = self.catalog.canonical(model)
+        for i, name in enumerate(chain):
+            via = None if name == own else FALLBACK
+            picked = self._pick_model(name, work, now, rand, exclude, via, last_resort)
+            if isinstance(picked, Choice):
+                return picked
+            if picked:  # only at capacity: wait for this step, do not fall further
+                considered = chain[: i + 1]
+                if name == own:
+                    spills = self.catalog.overflow(model)
+                    for spill in spills:
+                        choice = self._pick_model(
+                            spill, work, now, rand, exclude, OVERFLOW, last_resort
+                        )
+                        if isinstance(choice, Choice):
+                            return choice
+                    considered = tuple(dict.fromkeys((*considered, *spills)))
+                return self._no_choice(considered, work, now, exclude, last_resort=last_resort)
+        return None
 
     def _pick_model(
-        self, model: str, work: Work, now: float, rand: Callable[[], float], exclude: frozenset[str]
-    ) -> Choice | None:
+        self,
+        model: str,
+        work: Work,
+        now: float,
+        rand: Callable[[], float],
+        exclude: frozenset[str],
+        via: str | None,
+        last_resort: bool,
+    ) -> Choice | bool:
+        """A Choice among the model's endpoints, else whether the model is only at
+        capacity (some endpoint not excluded is blocked by :attr:`Skip.full` alone)."""
         entries = self._serving[model]
         workload = self.workload
         tokens = workload.tokens(model, work)
@@ -111,7 +190,8 @@ class Router:
         costs, eligible = self._costs, self._eligible
         costs.clear()
         eligible.clear()
-        ejected = 0
+        ejected = live = 0
+        full = False
         for entry in entries:
             state = entry[0]
             if exclude and state.name in exclude:
@@ -121,39 +201,59 @@ class Router:
             if skip is None:
                 costs.append(state.score(now, tokens, cold, explore=not exclude))
                 eligible.append(entry)
+                live += 1
             elif state.ejected(now):
                 ejected += 1
-            elif skip is Skip.BUSY and work.batch:
-                state.batch_wanted_at = now
-        if ejected > self.config.max_eject_fraction * len(entries):
+            else:
+                live += 1
+                if skip is Skip.BUSY and work.batch:
+                    state.batch_wanted_at = now
+                if not full and skip.full:
+                    full = _waits_for(state, skip)
+        if ejected > self.config.max_eject_fraction * len(entries) and (live or last_resort):
             # Panic (Envoy): with most endpoints ejected, health says more about
             # the observer than the fleet; route over them all.
             for entry in entries:
                 state = entry[0]
                 if not state.ejected(now) or (exclude and state.name in exclude):
                     continue
-                if state.blocked(model, now, need, panic=True, batch=work.batch) is None:
+                skip = state.blocked(model, now, need, panic=True, batch=work.batch)
+                if skip is None:
                     costs.append(state.score(now, tokens, cold, explore=not exclude))
                     eligible.append(entry)
+                elif not full and skip.full:
+                    full = _waits_for(state, skip)
         if not costs:
-            return None
+            return full
         state, upstream = eligible[self.policy.choose(costs, rand)]
-        return Choice(state.name, model, upstream, state.predicted_s)
+        return Choice(state.name, model, upstream, state.predicted_s, via)
 
-    def _panic(self, model: str, now: float) -> bool:
+    def _panic(self, model: str, now: float, exclude: frozenset[str], last_resort: bool) -> bool:
+        """Whether ``_pick_model`` routes over the model's ejected endpoints too."""
         entries = self._serving[model]
-        ejected = sum(1 for state, _ in entries if state.ejected(now))
-        return ejected > self.config.max_eject_fraction * len(entries)
+        ejected = live = 0
+        for state, _ in entries:
+            if state.ejected(now):
+                ejected += 1
+            elif state.name not in exclude:
+                live += 1
+        return ejected > self.config.max_eject_fraction * len(entries) and bool(live or last_resort)
 
     def _no_choice(
-        self, chain: Sequence[str], work: Work, now: float, exclude: frozenset[str]
+        self,
+        chain: Sequence[str],
+        work: Work,
+        now: float,
+        exclude: frozenset[str],
+        *,
+        last_resort: bool,
     ) -> NoChoice:
         capacity = on_completion = False
         configured_wrong = True
         retry_at: float | None = None
         parts: list[str] = []
         need = self.workload.reserve(work)
-        candidates = self._candidates(chain, work, now, exclude)
+        candidates = self._candidates(chain, work, now, exclude, last_resort)
         # pick() just found every candidate blocked; the filter only satisfies the types.
         for candidate, skip in [(c, Skip(c.skip)) for c in candidates if c.skip is not None]:
             capacity = capacity or skip.capacity
@@ -178,17 +278,29 @@ class Router:
         return NoChoice(code, reason, retry_at, on_completion)
 
     def explain(self, model: str, *, work: Work, now: float) -> list[Candidate]:
-        """Every endpoint considered for ``model`` and its fallbacks, with cost or skip reason."""
-        return list(self._candidates(self.catalog.chain(model) or (), work, now, frozenset()))
+        """Every endpoint of ``model``, its fallbacks and its overflow models, with
+        cost or skip reason (what ``pick`` may consider, whether or not it got that far)."""
+        chain = self.catalog.chain(model) or ()
+        models = tuple(dict.fromkeys((*chain, *self.catalog.overflow(model))))
+        rows = list(self._candidates(models, work, now, frozenset(), last_resort=False))
+        if all(row.skip is not None and not Skip(row.skip).full for row in rows):
+            # Everything down: pick routes over ejected endpoints (panic) as a last resort.
+            rows = list(self._candidates(models, work, now, frozenset(), last_resort=True))
+        return rows
 
     def _candidates(
-        self, chain: Iterable[str], work: Work, now: float, exclude: frozenset[str]
+        self,
+        chain: Iterable[str],
+        work: Work,
+        now: float,
+        exclude: frozenset[str],
+        last_resort: bool,
     ) -> Iterable[Candidate]:
         need = self.workload.reserve(work)
         for model in chain:
             tokens = self.workload.tokens(model, work)
             cold = self.workload.cold_s(model, now, tokens, self._serving[model])
-            panic = self._panic(model, now)
+            panic = self._panic(model, now, exclude, last_resort)
             for state, _ in self._serving[model]:
                 skip = (
                     Skip.EXCLUDED

@@ -8,7 +8,16 @@ from enum import StrEnum
 from schemas.errors import ErrorCode
 from workers.routing.config import Work
 
-__all__ = ["Attempt", "Candidate", "Choice", "EndpointStatus", "NoChoice", "Skip"]
+__all__ = [
+    "FALLBACK",
+    "OVERFLOW",
+    "Attempt",
+    "Candidate",
+    "Choice",
+    "EndpointStatus",
+    "NoChoice",
+    "Skip",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,10 +26,18 @@ class Choice:
 
     endpoint: str
     model: str
-    """The canonical model actually used (a fallback when the requested one had no endpoint)."""
+    """The canonical model actually used: the requested one, a fallback or an overflow model."""
     upstream_model: str
     predicted_s: float
     """Predicted latency, failures included, before the load factor."""
+    via: str | None = None
+    """How ``model`` was reached: None (the requested model), ``"fallback"`` (the
+    requested model had no usable endpoint) or ``"overflow"`` (it was at capacity
+    and its ``overflow_to`` names this one). See :mod:`workers.routing.catalog`."""
+
+
+FALLBACK = "fallback"
+OVERFLOW = "overflow"
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,11 +45,14 @@ class NoChoice:
     """No endpoint can take the job now."""
 
     code: ErrorCode
-    """UNKNOWN_MODEL, NO_HEALTHY_ENDPOINT (health) or OVER_CAPACITY (limits, cooldowns)."""
+    """UNKNOWN_MODEL, NO_HEALTHY_ENDPOINT (health), UPSTREAM_REJECTED (every endpoint
+    refused llmq's key or model name) or OVER_CAPACITY (limits, cooldowns: among
+    them, a model that is only at capacity, whose job waits instead of falling back)."""
     reason: str
     retry_at: float | None
     """Earliest time something becomes usable by itself (cooldown end, half-open,
-    bucket refill), on the caller's clock; None when only a completion frees one."""
+    room in an rpm/tpm window), on the caller's clock; None when only a completion
+    frees one."""
     on_completion: bool = False
     """Some endpoint is only busy (full, or a cold probe out): a running attempt
     ending frees it, possibly long before ``retry_at``."""
@@ -50,7 +70,7 @@ class Attempt:
     tokens: float
     """Output tokens predicted at the start, used when the reply has no usage."""
     reserved: float
-    """Tokens reserved in the tpm bucket (prompt + output cap)."""
+    """Tokens counted in the tpm window (prompt + output cap)."""
     probe: bool
     """The single half-open probe of an ejected endpoint."""
 
@@ -81,8 +101,18 @@ class Skip(StrEnum):
 
     @property
     def capacity(self) -> bool:
-        """A capacity reason (frees up with time or completions), not a health one."""
+        """A capacity reason (frees up with time or completions), not a health one:
+        a job nothing can take for these waits (``NoChoice`` code OVER_CAPACITY)."""
         return self in (Skip.COOLDOWN, Skip.BUSY, Skip.RATE_LIMIT, Skip.COLD_PROBE)
+
+    @property
+    def full(self) -> bool:
+        """The endpoint is usable but at capacity: full, out of rpm/tpm for now, or
+        its cold probe out. A model with such an endpoint is waited for, not left for
+        its fallbacks. COOLDOWN is not among these: an endpoint cooling down after
+        repeated 429s is the provider pushing back for seconds to minutes, as good as
+        down for the job, so it counts as unusable and fallbacks are tried."""
+        return self in (Skip.BUSY, Skip.RATE_LIMIT, Skip.COLD_PROBE)
 
 
 @dataclass(frozen=True, slots=True)

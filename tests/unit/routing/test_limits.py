@@ -139,7 +139,9 @@ def test_a_limit_of_zero_admits_nothing() -> None:
     window = SlidingWindow(0)
     assert not window.can_take(1, 0.0)
     assert window.ready_at(1, 0.0) is None  # never, by itself
+    assert window.shut
     window.set_limit(4, 10.0)  # a worker joins at 0 and raises to its share
+    assert not window.shut  # 0 until 70, but it opens by itself
     assert window.ready_at(1, 10.0) == 70.0
     assert not window.can_take(1, 69.0) and window.can_take(4, 70.0)
     full = SlidingWindow(2)

@@ -302,14 +302,26 @@ def test_aliases_and_fallbacks(make: Make) -> None:
     assert (r.resolve("virtual"), r.resolve("v")) == ("virtual", "virtual")
     assert r.resolve("ghost") is None and r.resolve("g") is None and r.resolve("x") is None
     first = h.choose("alias")
-    assert (first.endpoint, first.model, first.upstream_model) == ("a", "m", "m-at-a")
-    h.begin("a", model="m")  # a is full now
+    assert (first.endpoint, first.model, first.upstream_model, first.via) == (
+        "a",
+        "m",
+        "m-at-a",
+        None,
+    )
+    h.failing("a", FailureKind.SERVER_ERROR, count=5, model="m")  # a is ejected now
     fallback = h.choose("alias")
     assert (fallback.endpoint, fallback.model, fallback.upstream_model) == ("b", "n", "n-at-b")
+    assert fallback.via == "fallback"
     assert h.choose("v").endpoint == "b"
-    excluded = h.pick("m", exclude=frozenset({"b"}))
+    assert h.choose("v").via == "fallback"  # a virtual model is always served by a fallback
+    # The fallback's endpoint excluded (tried): the whole chain is down, so the
+    # ejected endpoint is used after all (panic, the last resort).
+    last = h.pick("m", exclude=frozenset({"b"}))
+    assert isinstance(last, Choice) and (last.endpoint, last.via) == ("a", None)
+    excluded = h.pick("m", exclude=frozenset({"a", "b"}))
     assert isinstance(excluded, NoChoice)
-    assert "b=excluded" in excluded.reason and "a=busy" in excluded.reason
+    assert excluded.code is ErrorCode.NO_HEALTHY_ENDPOINT
+    assert "a=excluded" in excluded.reason and "b=excluded" in excluded.reason
     unknown = h.pick("nope")
     assert isinstance(unknown, NoChoice) and unknown.code is ErrorCode.UNKNOWN_MODEL
 
