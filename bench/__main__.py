@@ -1,10 +1,10 @@
 """``python -m bench <name>|all|summary [--quick]``: run llmq's benchmarks.
 
 Names: ceiling, overhead (ceiling and llmq side by side), concurrency, burst,
-routing, gateway, pick, fleet, worker_throughput, priority, fleet_limits.
-``all`` runs overhead (which includes the ceiling, so the ratios come from
-one invocation), concurrency, burst, routing, gateway, pick, fleet, priority
-and fleet_limits, each in its own
+routing, gateway, pick, fleet, worker_throughput, priority, fleet_limits,
+spend_cap. ``all`` runs overhead (which includes the ceiling, so the ratios
+come from one invocation), concurrency, burst, routing, gateway, pick, fleet,
+priority, fleet_limits and spend_cap, each in its own
 process (a failure or a pinned CPU in one does not affect the next), then
 prints the summary of headline figures against the issue's targets and
 writes bench/results/summary.json. ``summary`` rebuilds that from the
@@ -47,6 +47,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "worker_throughput": ("bench.worker_throughput", [], ["--jobs", "3000"]),
     "priority": ("bench.priority", [], ["--quick"]),
     "fleet_limits": ("bench.fleet_limits", [], ["--quick"]),
+    "spend_cap": ("bench.spend_cap", [], ["--quick"]),
 }
 ALL = [
     "overhead",
@@ -58,6 +59,7 @@ ALL = [
     "fleet",
     "priority",
     "fleet_limits",
+    "spend_cap",
 ]
 TIMEOUT_S = {"routing": 900, "burst": 600, "priority": 900, "fleet_limits": 600}
 
@@ -331,6 +333,7 @@ def summary_rows() -> list[dict[str, Any]]:
                 )
             )
     rows += _priority_rows()
+    rows += _spend_cap_rows()
     f = _load("fleet_ceiling")
     if f:
         srv = f.get("results", {}).get("server", {})
@@ -388,6 +391,22 @@ def _priority_rows() -> list[dict[str, Any]]:
             )
         )
     return rows
+
+
+def _spend_cap_rows() -> list[dict[str, Any]]:
+    """Issue #13: a hard cap holds across a restart of every worker."""
+    c = _load("spend_cap")
+    if not c:
+        return []
+    return [
+        _row(
+            "spend_cap",
+            f"overshoot of a {c['cap_usd']:.2f} USD cap, all {c['workers']} workers restarted",
+            f"{c['overshoot_usd']:+.4f} USD (largest job {c['largest_job_usd']:.4f})",
+            "<= one job",
+            bool(c["passed"]),
+        )
+    ]
 
 
 def print_summary(rows: list[dict[str, Any]]) -> None:
