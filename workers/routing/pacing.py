@@ -28,7 +28,17 @@ from workers.routing.router import Router
 from workers.routing.steps import GiveUp, Progress
 from workers.routing.values import NoChoice
 
-__all__ = ["MIN_ATTEMPT_S", "after_failure", "capacity_wake", "hedge_after", "too_late"]
+__all__ = [
+    "MIN_ATTEMPT_S",
+    "RECHECK_S",
+    "after_failure",
+    "capacity_wake",
+    "hedge_after",
+    "too_late",
+]
+
+RECHECK_S = 0.001
+"""Shortest wait before picking again when the known time has already come."""
 
 MIN_ATTEMPT_S = 0.05
 """Don't start a first attempt with less time than this before the deadline."""
@@ -42,6 +52,8 @@ def capacity_wake(
     The dispatcher also wakes early when any attempt ends (a slot frees).
     """
     limit = deadline - margin_s
+    if limit <= now:
+        return None
     if choice.on_completion:
         # A slot may free on a completion, before any known time.
         wake = limit if choice.retry_at is None else min(choice.retry_at, limit)
@@ -49,7 +61,10 @@ def capacity_wake(
         wake = choice.retry_at
     else:
         return None
-    return wake if wake > now else None
+    # ``retry_at`` was read at the pick, ``now`` after it: a time already past (a
+    # window entry a few µs from leaving) means it has freed. Pick again, after
+    # at least RECHECK_S so that a stale time can never spin the loop.
+    return max(wake, now + RECHECK_S)
 
 
 def too_late(*, now: float, deadline: float, margin_s: float) -> GiveUp | None:

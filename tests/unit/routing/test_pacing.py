@@ -34,11 +34,20 @@ def busy(retry_at: float | None = None, *, on_completion: bool = False) -> NoCho
         (busy(12.0), 12.0),  # usable again by itself before the deadline
         (busy(19.5), None),  # ... after it: give up now
         (busy(None), None),  # nothing will free itself, nothing busy
-        (busy(9.0), None),  # already past: pick again would say the same
+        # Already past (read at the pick, a few µs before ``now``): it has freed, so
+        # pick again at once (after 1 ms: a stale time cannot spin the loop). The
+        # worker used to give up here: a job next in line for an rpm window ended
+        # over_capacity when the window's oldest entry left it in that instant.
+        (busy(9.0), 10.001),
+        (busy(9.0, on_completion=True), 10.001),
     ],
 )
 def test_capacity_wake(choice: NoChoice, expected: float | None) -> None:
     assert capacity_wake(choice, now=10.0, deadline=20.0, margin_s=1.0) == expected
+
+
+def test_no_wait_past_the_deadline() -> None:
+    assert capacity_wake(busy(on_completion=True), now=19.5, deadline=20.0, margin_s=1.0) is None
 
 
 def test_a_slot_freed_at_the_deadline_is_too_late() -> None:
