@@ -58,12 +58,15 @@ class CodedProducer(Producer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.codes: dict[str, int] = {}
+        self.messages: list[str] = []
 
     async def _on_reply(self, message: Any) -> None:
         if b'"status":"ok"' not in message.body:
             error = orjson.loads(message.body).get("error") or {}
             code = str(error.get("code")) if isinstance(error, dict) else "?"
             self.codes[code] = self.codes.get(code, 0) + 1
+            if len(self.messages) < 5 and isinstance(error, dict):
+                self.messages.append(str(error.get("message"))[:300])
         await super()._on_reply(message)
 
 
@@ -167,6 +170,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "answered_during_run": answered,
         "errors": producer.errors,
         "error_codes": producer.codes,
+        "error_examples": producer.messages,
         "samples": samples,
         "pass_concurrency": peak <= MAX_CONCURRENCY,
         "pass_rpm": per_minute <= RPM,

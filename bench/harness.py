@@ -119,11 +119,16 @@ def llmq_config(
 
 
 def start_worker(config: Path, name: str) -> subprocess.Popen[bytes]:
+    """An ``llmq worker`` process; its log goes to ``$BENCH_WORKER_LOGS/<name>.log`` if set."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMQ_")}
+    logs = os.environ.get("BENCH_WORKER_LOGS")
+    stderr: Any = subprocess.DEVNULL
+    if logs:
+        stderr = (Path(logs) / f"{name}.log").open("ab")
     return subprocess.Popen(
         [sys.executable, "-m", "llmq_cli", "worker", "--config", str(config), "--name", name],
         env=env,
-        stderr=subprocess.DEVNULL,
+        stderr=stderr,
     )
 
 
