@@ -81,3 +81,56 @@ def test_a_peer_that_reports_nothing_counts_at_its_share() -> None:
     r.leave_room(2, {0: {}})
     assert isinstance(r.pick("m", work=WORK, now=0.0, rand=lambda: 0.5), Choice)
     assert started(r, 0.0, 1000) == 300
+
+
+def test_tpm_shares_caps_and_reported_use() -> None:
+    r = router(rpm=600, tpm=60_000, max_concurrency=10_000)
+    r.share(1, 2, now=0.0)
+    assert r.window_use(now=0.0) == {"a": (0.0, 0.0)}
+    r.leave_room(2, {0: {"a": (100.0, 50_000.0)}})
+    state = r._states["a"]
+    assert state.rpm is not None and state.tpm is not None
+    assert (state.rpm.cap, state.tpm.cap) == (300.0, 10_000.0)
+    r.leave_room(1, {})  # alone again: no cap
+    assert state.tpm.cap == float("inf")
+    r.begin("a", work=WORK, now=1.0, model="m")
+    rpm_used, tpm_used = r.window_use(now=1.0)["a"]
+    assert rpm_used == 1.0 and tpm_used is not None and tpm_used > 0
+
+
+def test_a_share_out_of_range_is_refused() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match="share 4 of 4"):
+        router().share(4, 4, now=0.0)
+
+
+def test_the_same_share_again_changes_nothing() -> None:
+    r = router()
+    r.share(0, 2, now=0.0)
+    r.share(0, 2, now=1.0)
+    assert r.snapshot(now=1.0)[0].capacity == 8
+
+
+def test_a_429_at_a_share_of_zero_admits_nothing() -> None:
+    from workers.routing.limits import AimdLimit
+
+    limit = AimdLimit(4, 0.5)
+    limit.rescale(0)
+    assert limit.value == 0
+    limit.on_rate_limited(3)
+    assert limit.value == 0
+    limit.rescale(4)
+    assert limit.value >= 1
+
+
+def test_a_tpm_only_endpoint() -> None:
+    r = router(tpm=60_000, max_concurrency=10_000)
+    r.share(0, 2, now=0.0)
+    r.begin("a", work=WORK, now=0.0, model="m")
+    r.leave_room(2, {1: {"a": (None, 40_000.0)}})
+    state = r._states["a"]
+    assert state.rpm is None and state.tpm is not None and state.tpm.cap == 20_000.0
+    rpm_used, tpm_used = r.window_use(now=30.0)["a"]  # reading later moves the window
+    assert rpm_used is None and tpm_used is not None and tpm_used > 0
+    assert r.window_use(now=61.0)["a"] == (None, 0.0)

@@ -76,3 +76,12 @@ def test_budget_share_scales_the_reserve() -> None:
     budget = RetryBudget(0.0, 1.0, 10.0, batch_keep=0.0)
     budget.share(0.25)
     assert sum(budget.try_spend(0.0) for _ in range(20)) == 2  # 10 × 0.25, rounded down
+
+
+def test_priority_tunables_are_shares() -> None:
+    import pytest
+
+    from workers.routing import RoutingConfig
+
+    with pytest.raises(ValueError, match="batch_floor"):
+        RoutingConfig(batch_floor=1.5)
