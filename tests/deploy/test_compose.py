@@ -122,7 +122,8 @@ def test_rabbitmq_gets_its_config_plugins_and_definitions(
     services: dict[str, dict[str, Any]],
 ) -> None:
     rabbit = services["rabbitmq"]
-    assert rabbit["image"].startswith("rabbitmq:3.10") and rabbit["image"].endswith("-management")
+    # A supported 4.x release (3.10 is end of life; docs/operations.md, versions).
+    assert re.fullmatch(r"rabbitmq:4\.\d+-management", rabbit["image"])
     mounts = {v.split(":")[1]: v.split(":")[0] for v in rabbit["volumes"]}
     assert mounts["/etc/rabbitmq/rabbitmq.conf"] == "./rabbitmq/rabbitmq.conf"
     assert mounts["/etc/rabbitmq/enabled_plugins"] == "./rabbitmq/enabled_plugins"
