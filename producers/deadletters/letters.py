@@ -59,12 +59,14 @@ REMOVED_ON_REPLAY = frozenset(
         DEAD_HEADERS.REPLY_OFFSET,
         DEAD_HEADERS.HEADERS_DROPPED,
         HEADERS.DEADLINE_MS,
+        "user-id",  # producers.deadletters.copies.USER_ID_HEADER
     }
 )
 """Headers a replay drops, besides every ``x-*`` header (those are the broker's).
 
 ``sla-class`` goes too: the replay's routing key carries it, and a worker
-writes it again if the job fails again."""
+writes it again if the job fails again; so does ``user-id``, where a browse
+keeps a ``user_id`` it may not publish (a replay sends the operator's)."""
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
 _UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}

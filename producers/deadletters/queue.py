@@ -7,14 +7,23 @@ not acked) and gives back what it does not remove:
 - It takes the queue in windows of at most ``window`` messages (one consumer,
   prefetch = window), as many windows as the queue held when the command
   started, so each message is seen once.
-- After each window it requeues what it kept, one ``nack`` at a time with a
-  round trip after each. A quorum queue without a delivery limit requeues to
-  the back, so after the last window the queue is back in its original order.
-  Without the round trip the channel batches the returns and the queue puts a
-  batch back in hash order (measured on RabbitMQ 3.10.8).
+- After each window it gives back what it kept, in order, by publishing a
+  copy to the tail of the queue (:mod:`producers.deadletters.copies`) and
+  acking the original once the broker confirmed the copy. A requeue would
+  count as a delivery (RabbitMQ 4.0–4.2), and past the delivery limit (20 by
+  default since 4.0) the broker drops a message of a queue without a
+  dead-letter exchange; a copy was never delivered. After the last window
+  the queue is back in its original order, whatever the broker version.
+- If the broker will not take a copy (the queue is full, a memory alarm
+  blocks publishing, the publishing connection is gone), the rest of the
+  command requeues instead (``nack``), once per letter: nothing is lost, the
+  order may change.
 - Removing happens only by ``ack``: after the confirm of the republish
   (replay) or at once (purge). If the command dies, its connection closes and
-  the broker requeues everything still held: nothing is lost, the order may be.
+  the broker requeues everything still held: nothing is lost, the order may
+  not be kept, and a letter whose copy was confirmed but whose original was
+  not yet acked is there twice (same job id: ``show`` counts the copies,
+  ``replay`` sends one, ``purge`` removes both).
 """
 
 from __future__ import annotations
@@ -31,8 +40,11 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage
 
+from producers.client import broker_user
+from producers.deadletters.copies import browse_copy
 from producers.deadletters.letters import DeadLetter, Filter, read_letter
 from schemas.broker.connection import open_connection
+from schemas.broker.errors import BrokerFailure
 from schemas.broker.publisher import Publisher
 from schemas.settings import Settings
 
@@ -53,6 +65,7 @@ WINDOW = 10_000
 _IDLE_S = 0.5  # no delivery for this long: ask the broker whether the queue is empty
 _TAKE_TIMEOUT_S = 30.0
 _SETTLE_TIMEOUT_S = 2.0  # then someone else is consuming too: do not wait for them
+_GIVE_BACK_TIMEOUT_S = 10.0  # a copy not confirmed by then: requeue from here on
 
 Confirm = Callable[[int, int, bool], Awaitable[bool]]
 """``confirm(matched, total, complete)``: asked once, after the first window;
@@ -86,6 +99,12 @@ class DeadQueue:
         self._connections: list[aio_pika.abc.AbstractConnection] = []
         self._strays: list[AbstractIncomingMessage] = []
         self._acked = 0
+        self._copies: Publisher | None = None
+        self._operator: str | None = None
+        self.copied = 0
+        """Dead letters given back as a confirmed copy at the tail."""
+        self.requeued = 0
+        """Dead letters given back by a requeue (the broker would not take a copy)."""
 
     async def __aenter__(self) -> DeadQueue:
         self._conn = await _connect(self.settings, "llmq-dlq")
@@ -99,6 +118,12 @@ class DeadQueue:
                 f"the dead-letter queue {self.name!r} does not exist; run `llmq topology apply`"
             ) from None
         self.total = self._queue.declaration_result.message_count or 0
+        # Copies go out on a connection of their own: a broker alarm blocks
+        # publishers, and must not stall the acks and nacks of what we hold.
+        conn = await _connect(self.settings, "llmq-dlq-copies")
+        self._connections.append(conn)
+        self._copies = await Publisher.open(conn)
+        self._operator = broker_user(self.settings.broker.url.get_secret_value())
         return self
 
     async def __aexit__(
@@ -125,15 +150,16 @@ class DeadQueue:
                 break  # someone else took them
             seen += len(batch)
             yield batch
-            await self._requeue([h.message for h in batch if not h.settled])
+            await self._give_back([h.message for h in batch if not h.settled])
         await self._settled(self.total - self._acked)
 
     async def _settled(self, expected: int) -> None:
         """Wait (briefly) until the queue counts what we gave back.
 
-        The broker applies requeues a moment after the nack; a command started
-        right after this one would otherwise count fewer messages, go round
-        only part of the queue and rotate it.
+        Confirmed copies are counted at once, but the broker applies requeues
+        a moment after the nack; a command started right after this one would
+        otherwise count fewer messages, go round only part of the queue and
+        rotate it.
         """
         give_up = time.monotonic() + _SETTLE_TIMEOUT_S
         while time.monotonic() < give_up:
@@ -175,10 +201,31 @@ class DeadQueue:
         queue = await self._channel.declare_queue(self.name, passive=True)
         return queue.declaration_result.message_count or 0
 
-    async def _requeue(self, messages: list[AbstractIncomingMessage]) -> None:
+    async def _give_back(self, messages: list[AbstractIncomingMessage]) -> None:
+        """Give back, in order: a confirmed copy at the tail, then the original acked."""
         for message in [*messages, *self._strays]:
+            if self._copies is not None:
+                copy = browse_copy(message.body, message.properties, operator=self._operator)
+                try:
+                    await self._copies.publish(
+                        copy,
+                        exchange="",
+                        routing_key=self.name,
+                        timeout_s=_GIVE_BACK_TIMEOUT_S,
+                        retry_lost=False,
+                    )
+                except BrokerFailure:
+                    # Full, blocked or gone: the copy may still arrive (a
+                    # duplicate, never a loss); requeue the rest of the way.
+                    self._copies = None
+                else:
+                    await message.ack()
+                    self.copied += 1
+                    continue
             await message.nack(requeue=True)
-            # The round trip keeps the returns in order (see the module docstring).
+            self.requeued += 1
+            # The round trip keeps the returns in order (RabbitMQ 3.10 batches
+            # back-to-back nacks and puts a batch back in hash order).
             await self._channel.set_qos(prefetch_count=1)
         self._strays.clear()
 

@@ -412,6 +412,30 @@ async def test_browsing_keeps_the_order_across_windows_and_commands(world: World
         assert [x.job_id for x in seen.letters] == ids, window
 
 
+async def test_browsing_25_times_loses_nothing_and_keeps_the_order(world: World) -> None:
+    """RabbitMQ 4.0 gives quorum queues a delivery limit of 20 and drops what
+    passes it when the queue has no dead-letter exchange (llmq.dead has none):
+    a browse that requeued counted a delivery each time and lost every dead
+    letter on the 21st. Browsing must never count: after 25 rounds every
+    letter is there, in order, never delivered before (on 3.10, where nothing
+    is dropped, the delivery count still shows the difference)."""
+    ids = [await fake_dead_letter(world, "upstream_error") for _ in range(5)]
+    ids.append(await broker_dead_letter(world))
+    await world.wait_count(world.dead, 6)
+    ids += [await fake_dead_letter(world, "upstream_error") for _ in range(7)]
+    await world.wait_count(world.dead, 13)
+    for n in range(25):
+        seen = await browse(world.settings, Filter(), window=5, keep_messages=True)
+        assert [x.job_id for x in seen.letters] == ids, f"browse {n + 1}"
+        counts = {(m.headers or {}).get("x-delivery-count", 0) for m in seen.messages}
+        assert counts == {0}, f"browse {n + 1} found delivered letters: {counts}"
+        assert not any(m.redelivered for m in seen.messages)
+    await world.expect(world.dead, 13)
+    broker = (await browse(world.settings, Filter(codes=frozenset({"internal_error"})))).letters
+    assert [x.job_id for x in broker] == [ids[5]] and "delivery_limit" in broker[0].error
+    assert broker[0].sla_class == "batch"
+
+
 async def test_a_large_undelivered_reply_is_shown_and_never_replayed(world: World) -> None:
     """A dead letter whose body carries a large undelivered reply after the job
     (``reply-offset``): show splits them, replay sends the job's part only, as the
