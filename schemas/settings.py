@@ -13,7 +13,7 @@ import contextlib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import orjson
@@ -29,11 +29,13 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
 
+from schemas import broker_urls
 from schemas import endpoint_rules as rules
 from schemas.contract import SlaClass
 
@@ -70,17 +72,57 @@ class _Strict(BaseModel):
 
 class BrokerSettings(_Strict):
     url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
-    """AMQP URL (``amqp://`` or ``amqps://``); may hold a password, so secret."""
+    """AMQP URL (``amqp://`` or ``amqps://``), or several separated by commas: the
+    nodes of one cluster (``schemas/broker_urls.py``). May hold a password, so
+    secret. Once loaded it holds every address, also when ``urls`` gave them."""
+    urls: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    """The same addresses as a list (set ``url`` or ``urls``, not both); the
+    variable takes a comma-separated list too. Read :attr:`addresses`."""
     heartbeat_s: int = Field(default=30, ge=0, le=600)
     management_url: str | None = None
     """Optional management API (``http://host:15672``) for ``llmq status``."""
 
     @field_validator("url")
     @classmethod
-    def _amqp_scheme(cls, value: SecretStr) -> SecretStr:
-        if urlsplit(value.get_secret_value()).scheme not in ("amqp", "amqps"):
-            raise ValueError("must be an amqp:// or amqps:// URL")
+    def _amqp_urls(cls, value: SecretStr) -> SecretStr:
+        broker_urls.check_urls(broker_urls.split_urls(value.get_secret_value()))
         return value
+
+    @field_validator("urls", mode="before")
+    @classmethod
+    def _listed(cls, value: Any) -> Any:
+        if isinstance(value, str):  # LLMQ_BROKER__URLS: a JSON list or a comma-separated one
+            text = value.strip()
+            return orjson.loads(text) if text.startswith("[") else broker_urls.split_urls(text)
+        return value
+
+    @field_validator("urls")
+    @classmethod
+    def _one_cluster(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        if value:
+            broker_urls.check_urls([u.get_secret_value() for u in value])
+        return value
+
+    @model_validator(mode="after")
+    def _one_list(self) -> BrokerSettings:
+        if not self.urls:
+            return self
+        if "url" in self.model_fields_set:
+            raise ValueError(
+                "broker.url and broker.urls are both set: give the addresses in one"
+                " of them (broker.url takes a comma-separated list)"
+            )
+        # ``url`` too holds every address, so a caller that connects with it
+        # reaches every node. Frozen model: set the field as pydantic's init does.
+        object.__setattr__(self, "url", SecretStr(",".join(self.addresses)))
+        return self
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Every address, as written (secret: show only ``broker_urls.node_of`` of one)."""
+        if self.urls:
+            return tuple(u.get_secret_value() for u in self.urls)
+        return broker_urls.split_urls(self.url.get_secret_value())
 
 
 class ClassSettings(_Strict):

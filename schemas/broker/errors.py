@@ -6,6 +6,9 @@
     ├── Returned           the message came back (no queue bound / reply queue gone)
     └── Refused            the broker nacked it (the target queue is full)
 
+    BrokerUnreachable      no address of the broker accepted a connection
+                           (a ConnectionError, as aiormq's own are)
+
 The producers translate them into their public errors (``producers.errors``):
 Returned into ``Unroutable``, Refused into ``Backpressure``, the rest into
 ``PublishFailed``.
@@ -13,7 +16,7 @@ Returned into ``Unroutable``, Refused into ``Backpressure``, the rest into
 
 from __future__ import annotations
 
-__all__ = ["BrokerFailure", "Refused", "Returned"]
+__all__ = ["BrokerFailure", "BrokerUnreachable", "Refused", "Returned"]
 
 
 class BrokerFailure(Exception):
@@ -26,3 +29,7 @@ class Returned(BrokerFailure):
 
 class Refused(BrokerFailure):
     """The broker nacked the message: a queue it routes to refuses it (full)."""
+
+
+class BrokerUnreachable(ConnectionError):
+    """No address of the broker accepted a connection (each node's ``host:port`` and why)."""
