@@ -142,7 +142,7 @@ async def _count_dead_letters(settings: Settings, prefix: str) -> int:
     """Count this run's dead letters without removing anyone's: look, then requeue all."""
     import aio_pika
 
-    connection = await open_connection(settings.broker.url.get_secret_value(), name="llmq-demo")
+    connection = await open_connection(settings.broker.addresses, name="llmq-demo")
     try:
         channel = await connection.channel()
         queue = await channel.get_queue(settings.topology.dead_queue, ensure=False)
@@ -184,7 +184,7 @@ async def run_demo(
     latencies: dict[str, float] = {}
     try:
         async with LlmqClient(
-            settings.broker.url.get_secret_value(),
+            settings.broker.addresses,
             exchange=settings.topology.jobs_exchange,
             default_sla_ms=sla_ms,
         ) as client:

@@ -52,9 +52,7 @@ def topology_apply(config: str | None) -> None:
 
     async def run() -> None:
 
-        connection = await open_connection(
-            settings.broker.url.get_secret_value(), name="llmq-topology"
-        )
+        connection = await open_connection(settings.broker.addresses, name="llmq-topology")
         try:
             applied = await apply_topology(connection, plan(settings.topology))
         finally:

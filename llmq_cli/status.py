@@ -217,7 +217,7 @@ class StatusReader:
         self._notes: list[str] = []
 
     async def __aenter__(self) -> StatusReader:
-        url = self.settings.broker.url.get_secret_value()
+        url = self.settings.broker.addresses
         # Frames read through the guard (schemas/broker/frames.py): anyone who may publish
         # to the state exchange could otherwise end this connection with one message.
         self._connection = await open_connection(url, name="llmq-status")
@@ -325,7 +325,7 @@ def _management_request(settings: Settings) -> tuple[str, dict[str, str], str]:
     The credentials are the management URL's own when it has some, else the
     broker URL's.
     """
-    broker = urlsplit(settings.broker.url.get_secret_value())
+    broker = urlsplit(settings.broker.addresses[0])  # every address has the same account
     vhost = unquote(broker.path[1:]) if len(broker.path) > 1 else "/"
     given = str(settings.broker.management_url).rstrip("/")
     shown = redact_url(given)
@@ -468,5 +468,5 @@ def status_command(config: str | None, once: bool, as_json: bool, listen: float 
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_live(settings))
     except (ConnectionError, OSError, aiormq.exceptions.AMQPConnectionError) as exc:
-        text = redact(str(exc), url_secrets(settings.broker.url.get_secret_value()))
+        text = redact(str(exc), url_secrets(settings.broker.addresses[0]))
         raise click.ClickException(f"cannot reach the broker: {text}") from None

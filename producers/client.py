@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -26,6 +26,7 @@ from producers.errors import Backpressure, DeadlineExceeded, PublishFailed, Unro
 from schemas.broker.connection import connect
 from schemas.broker.errors import BrokerFailure, Refused, Returned
 from schemas.broker.publisher import Outgoing, Publisher
+from schemas.broker_urls import split_urls
 from schemas.codec import decode_reply
 from schemas.contract import CONTENT_TYPE, HEADERS, JobKind, SlaClass
 
@@ -41,7 +42,7 @@ class LlmqClient:
 
     def __init__(
         self,
-        url: str = "amqp://guest:guest@127.0.0.1:5672/",
+        url: str | Sequence[str] = "amqp://guest:guest@127.0.0.1:5672/",
         *,
         exchange: str = "llmq.jobs",
         default_sla_ms: int = 30_000,
@@ -49,7 +50,10 @@ class LlmqClient:
         tenant: str | None = None,
         user_id: str | None = None,
     ) -> None:
-        """``user_id`` (default: the URL's user) is sent on every job; RabbitMQ checks
+        """``url``: one AMQP URL, or the nodes of one cluster (a list, or URLs separated
+        by commas): the connection moves to a live node when its own dies.
+
+        ``user_id`` (default: the URL's user) is sent on every job; RabbitMQ checks
         it against the connection's user, so workers can trust it to name the tenant
         (docs/security.md). Pass ``""`` to send none (e.g. with EXTERNAL auth)."""
         self._url = url
@@ -57,7 +61,8 @@ class LlmqClient:
         self._default_sla_ms = default_sla_ms
         self._unconfirmed = asyncio.Semaphore(max_unconfirmed)
         self._tenant = tenant
-        self._user_id = broker_user(url) if user_id is None else (user_id or None)
+        first = url if isinstance(url, str) else (url[0] if url else "")
+        self._user_id = broker_user(first) if user_id is None else (user_id or None)
         self._connection: AbstractRobustConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._publisher: Publisher | None = None
@@ -271,8 +276,9 @@ class LlmqClient:
 
 
 def broker_user(url: str) -> str | None:
-    """The user a URL authenticates as with PLAIN auth, else None."""
-    parts = urlsplit(url)
+    """The user a URL (or a comma-separated list of one cluster's) authenticates as
+    with PLAIN auth, else None."""
+    parts = urlsplit((split_urls(url) or ("",))[0])
     if "external" in parse_qs(parts.query).get("auth", [""])[0].lower():
         return None
     return unquote(parts.username) if parts.username else None

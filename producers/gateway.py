@@ -21,7 +21,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import click
 import orjson
@@ -48,10 +47,11 @@ from producers.gateway_keys import KeyRing, scoped_job_id
 from producers.gateway_metrics import GatewayMetrics
 from producers.gateway_server import ConnectionLimits, GatewaySite, raise_fd_limit
 from schemas import event_loop
+from schemas.broker_urls import node_of
 from schemas.contract import JobKind
 from schemas.errors import ErrorCode
 from schemas.exposition import MetricsServer, new_registry
-from schemas.secrets import redact, redact_url, url_secrets
+from schemas.secrets import redact, url_secrets
 from schemas.settings import ConfigError, Settings, load_settings
 
 __all__ = [
@@ -125,7 +125,7 @@ async def _broker(app: web.Application) -> AsyncIterator[None]:
     state = app[_STATE]
     settings = state.settings
     async with LlmqClient(
-        settings.broker.url.get_secret_value(),
+        settings.broker.addresses,
         exchange=settings.topology.jobs_exchange,
         default_sla_ms=settings.gateway.default_sla_ms,
     ) as client:
@@ -415,13 +415,9 @@ def _keys_summary(settings: Settings) -> str:
 
 
 def _broker_problem(settings: Settings, exc: BaseException) -> str:
-    url = settings.broker.url.get_secret_value()
-    text = redact(str(exc) or type(exc).__name__, url_secrets(url))
-    try:
-        parts = urlsplit(url)
-        where = f"{parts.hostname}:{parts.port or 5672}"
-    except ValueError:  # a malformed port: say so without the URL
-        where = redact_url(url)
+    urls = settings.broker.addresses
+    text = redact(str(exc) or type(exc).__name__, url_secrets(urls[0]))
+    where = ", ".join(node_of(url) for url in urls)  # host:port only
     return f"cannot reach the broker at {where}: {text}"
 
 

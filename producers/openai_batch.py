@@ -167,7 +167,7 @@ class BatchRun:
     async def _replies(self) -> AsyncIterator[None]:
         """Consume the batch's reply queue; first write the replies already waiting
         in it (an earlier run's), so their jobs are not sent again."""
-        url = self.settings.broker.url.get_secret_value()
+        url = self.settings.broker.addresses
         connection = await connect(url, name="llmq-submit-batch")
         try:
             channel = await connection.channel()

@@ -91,9 +91,7 @@ def quiet_client_exit() -> Iterator[None]:
 async def _check_reply_queue(settings: Settings, queue: str) -> None:
     import aiormq
 
-    connection = await open_connection(
-        settings.broker.url.get_secret_value(), name="llmq-submit-check"
-    )
+    connection = await open_connection(settings.broker.addresses, name="llmq-submit-check")
     try:
         channel = await connection.channel()
         await channel.declare_queue(queue, passive=True)
@@ -184,7 +182,7 @@ async def run_submit(
         for j in jobs
     )
     async with LlmqClient(
-        settings.broker.url.get_secret_value(),
+        settings.broker.addresses,
         exchange=settings.topology.jobs_exchange,
         default_sla_ms=default_sla,
     ) as client:

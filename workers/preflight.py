@@ -100,7 +100,7 @@ def _api(settings: Settings) -> _Api | None:
     raw = settings.broker.management_url
     if not raw:
         return None
-    amqp = urlsplit(settings.broker.url.get_secret_value())
+    amqp = urlsplit(settings.broker.addresses[0])  # every address has the same account
     mgmt = urlsplit(str(raw).strip())
     # Credentials written into management_url win over the broker's, and are
     # cut out of the URL: it is shown in messages.

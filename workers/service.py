@@ -179,7 +179,7 @@ class Worker:
             log.warning("preflight: %s", problem)
         if problems and self.settings.worker.strict_preflight:
             raise ConfigError(f"preflight failed (worker.strict_preflight): {problems[0]}")
-        url = self.settings.broker.url.get_secret_value()
+        url = self.settings.broker.addresses  # the nodes of one cluster, tried in turn
         hb = self.settings.broker.heartbeat_s
         self._publish_conn = await connect(url, name=f"llmq-worker-pub {self.name}", heartbeat_s=hb)
         self._consume_conn = await connect(url, name=f"llmq-worker {self.name}", heartbeat_s=hb)

@@ -107,7 +107,7 @@ async def replay(
     """
     report = ReplayReport(dry_run=dry_run)
     classes = settings.topology.classes
-    operator = broker_user(settings.broker.url.get_secret_value())
+    operator = broker_user(settings.broker.addresses[0])
     jobs_exchange = settings.topology.jobs_exchange
     pacer = _Pacer(rate)
     sent: set[str] = set()

@@ -46,6 +46,7 @@ from producers.deadletters.letters import DeadLetter, Filter, read_letter
 from schemas.broker.connection import open_connection
 from schemas.broker.errors import BrokerFailure
 from schemas.broker.publisher import Publisher
+from schemas.broker_urls import node_of
 from schemas.settings import Settings
 
 __all__ = [
@@ -123,7 +124,7 @@ class DeadQueue:
         conn = await _connect(self.settings, "llmq-dlq-copies")
         self._connections.append(conn)
         self._copies = await Publisher.open(conn)
-        self._operator = broker_user(self.settings.broker.url.get_secret_value())
+        self._operator = broker_user(self.settings.broker.addresses[0])
         return self
 
     async def __aexit__(
@@ -255,14 +256,14 @@ class DeadQueue:
 
 
 async def _connect(settings: Settings, name: str) -> aio_pika.abc.AbstractConnection:
-    url = settings.broker.url.get_secret_value()
+    urls = settings.broker.addresses
     try:
         # Frames read through the guard: a dead letter the client library could
         # not decode arrives marked instead of ending the connection (schemas/broker/frames.py).
-        return await open_connection(url, name=name, heartbeat_s=settings.broker.heartbeat_s)
+        return await open_connection(urls, name=name, heartbeat_s=settings.broker.heartbeat_s)
     except (OSError, aiormq.exceptions.AMQPError) as exc:
-        parts = urlsplit(url)  # never print the password
-        where = f"{parts.hostname}:{parts.port or 5672}{parts.path or '/'}"
+        # Never print the password: each node's host:port, and the virtual host.
+        where = ", ".join(node_of(url) for url in urls) + (urlsplit(urls[0]).path or "/")
         raise DlqError(f"cannot reach the broker at {where}: {type(exc).__name__}") from None
 
 

@@ -106,7 +106,9 @@ def test_the_environment_takes_the_list_in_either_variable(
         ({"urls": [url(1), url(2, password="x")]}, "config error: broker.urls: address 2"),
     ],
 )
-def test_settings_refuse_two_lists_and_two_accounts(broker: dict[str, object], problem: str) -> None:
+def test_settings_refuse_two_lists_and_two_accounts(
+    broker: dict[str, object], problem: str
+) -> None:
     with pytest.raises(ConfigError, match=problem) as raised:
         load_settings(None, broker=broker)
     assert "s3cret" not in str(raised.value)
@@ -182,7 +184,7 @@ async def test_the_factory_skips_a_dead_node_and_stays_on_the_live_one(
     dead = closed_port()
     factory = FailoverTransportFactory([url(dead), url(port)])
     with caplog.at_level(logging.WARNING, logger="llmq.broker"):
-        reader, writer = await factory.create(URL(url(dead)))
+        _, writer = await factory.create(URL(url(dead)))
     writer.close()
     assert accepted == [1] and factory.rotation.current == 1
     assert factory.node is not None and factory.node.port == port
