@@ -15,13 +15,19 @@ what happened                           what the delivery gets
 ======================================  =========================================
 served or failed with a code            reply and/or dead letter, then ack
 reply queue gone or full                dead letter carrying the reply, then ack
-broker took neither                     requeue (nack); the delivery comes back
+broker took neither                     requeue (reject); the delivery comes back
 same request again, answered recently   the cached reply (``duplicate``)
 same request again, still running       joins it: one upstream call, two replies
-cancelled (shutdown, lost connection)   requeue, unanswered
-a bug (any other exception)             requeue; on the last permitted delivery
-                                        internal_error, reply and dead letter
+cancelled (shutdown, lost connection)   requeue (nack), unanswered
+a bug (any other exception)             requeue (reject); on the last permitted
+                                        delivery internal_error, reply and dead letter
 ======================================  =========================================
+
+A requeue for a failure is a ``reject``: every RabbitMQ version counts it
+toward the work queue's delivery limit, which ends a job that keeps failing
+in the dead-letter queue. RabbitMQ 4.3 no longer counts a ``nack``, so a job
+nacked on every failure would go round for ever; a shutdown's requeue stays
+a ``nack``, which is not the job's fault.
 """
 
 from __future__ import annotations
@@ -131,7 +137,7 @@ class Deliveries:
             raise
         except BrokerFailure as exc:
             log.warning("job %s not settled (%s); requeueing", message.message_id, exc)
-            await self.requeue(message)
+            await self.requeue(message, failed=True)
         except Exception:
             log.exception("job %s: unexpected error", message.message_id)
             await self.crashed(message)
@@ -299,10 +305,14 @@ class Deliveries:
             )
         self.stats.dead_letters += 1
 
-    async def requeue(self, message: Incoming) -> None:
+    async def requeue(self, message: Incoming, *, failed: bool = False) -> None:
+        """Give the delivery back; ``failed`` counts it toward the delivery limit."""
         self.stats.requeued += 1
         with contextlib.suppress(Exception):
-            await message.nack(requeue=True)
+            if failed:
+                await message.reject(requeue=True)
+            else:
+                await message.nack(requeue=True)
 
     async def crashed(self, message: Incoming) -> None:
         """A bug hit this job: requeue it, or on its last permitted delivery end it here.
@@ -321,4 +331,4 @@ class Deliveries:
             with contextlib.suppress(Exception):
                 await self.settle(message, outcome)
                 return
-        await self.requeue(message)
+        await self.requeue(message, failed=True)

@@ -4,9 +4,11 @@ It keeps queues, bindings and deliveries in dicts and models what the roles
 rely on: a confirmed publish that raises :class:`Returned` when no queue
 is bound (``mandatory``) and :class:`Refused` when the queue is full
 (``x-max-length`` with ``reject-publish``); deliveries that are acked,
-or nacked back to the head of their queue with ``x-delivery-count`` raised
-(quorum queues). Faults are injected by :meth:`MemoryBroker.fail_next`.
-No timers, no network: a test of the worker shell runs in milliseconds.
+or nacked or rejected back to the head of their queue with
+``x-delivery-count`` raised (quorum queues; with ``nack_counts=False`` as
+on RabbitMQ 4.3, where a ``nack`` raises only ``x-acquired-count``). Faults
+are injected by :meth:`MemoryBroker.fail_next`. No timers, no network: a
+test of the worker shell runs in milliseconds.
 """
 
 from __future__ import annotations
@@ -50,7 +52,12 @@ class MemoryMessage:
     async def nack(self, *, requeue: bool = True) -> None:
         self._settle("requeue" if requeue else "reject")
         if requeue and self.broker is not None:
-            self.broker.redeliver(self)
+            self.broker.redeliver(self, failed=self.broker.nack_counts)
+
+    async def reject(self, *, requeue: bool = False) -> None:
+        self._settle("requeue" if requeue else "reject")
+        if requeue and self.broker is not None:
+            self.broker.redeliver(self, failed=True)
 
     def _settle(self, how: str) -> None:
         if self.settled is not None:
@@ -74,7 +81,10 @@ class MemoryPublisher:
 class MemoryBroker:
     """Queues by name; the default exchange ``""`` routes to the queue named by the key."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, nack_counts: bool = True) -> None:
+        self.nack_counts = nack_counts
+        """Whether a ``nack`` with requeue counts as a failed delivery (RabbitMQ
+        3.x–4.2); on 4.3 only a ``reject`` (or a lost channel) does."""
         self.queues: dict[str, deque[MemoryMessage]] = {}
         self.max_length: dict[str, int] = {}
         self.bindings: dict[tuple[str, str], list[str]] = {}
@@ -145,13 +155,17 @@ class MemoryBroker:
         pending = self.queues.get(queue)
         return pending.popleft() if pending else None
 
-    def redeliver(self, message: MemoryMessage) -> None:
-        """A requeued delivery goes back to the head with its delivery count raised."""
-        count = message.headers.get("x-delivery-count", 0)
+    def redeliver(self, message: MemoryMessage, *, failed: bool = True) -> None:
+        """A requeued delivery goes back to the head; a failed one with its delivery
+        count raised, any with its acquired count raised (RabbitMQ 4.3's headers)."""
+        headers = dict(message.headers)
+        headers["x-acquired-count"] = headers.get("x-acquired-count", 0) + 1
+        if failed:
+            headers["x-delivery-count"] = headers.get("x-delivery-count", 0) + 1
         again = MemoryMessage(
             **{
                 **{k: getattr(message, k) for k in _PROPERTIES},
-                "headers": {**message.headers, "x-delivery-count": count + 1},
+                "headers": headers,
                 "queue": message.queue,
                 "broker": self,
             }

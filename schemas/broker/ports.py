@@ -16,7 +16,7 @@ __all__ = ["Confirming", "Incoming"]
 
 
 class Incoming(Protocol):
-    """A delivered message: its properties, and the ack or nack that settles it."""
+    """A delivered message: its properties, and the ack, nack or reject that settles it."""
 
     @property
     def body(self) -> bytes: ...
@@ -47,6 +47,10 @@ class Incoming(Protocol):
 
     async def ack(self) -> None: ...
     async def nack(self, *, requeue: bool = True) -> None: ...
+    async def reject(self, *, requeue: bool = False) -> None:
+        """Like ``nack``, but a requeue counts as a failed delivery on every
+        RabbitMQ version (4.3 counts ``nack`` only as an acquisition)."""
+        ...
 
 
 class Confirming(Protocol):
