@@ -180,3 +180,28 @@ def test_the_broker_kustomization_and_disruption_budget(
     assert pdb["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": name}
     kv = pytest.importorskip("kubernetes_validate", reason="needs kubernetes-validate")
     kv.validate(pdb, kv.latest_version(), strict=True)
+
+
+def _rabbitmq4_mappings() -> list[re.Pattern[str]]:
+    """The config keys of the RabbitMQ 4.x that scripts/rabbitmq4 builds (its schemas)."""
+    cache = os.environ.get("LLMQ_CACHE_DIR") or str(
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmq"
+    )
+    lib = Path(cache) / "trixie-rabbitmq" / "usr" / "lib" / "rabbitmq" / "lib"
+    schemas = sorted(lib.glob("rabbitmq_server-4*/plugins/*/priv/schema/*.schema"))
+    if not schemas:
+        pytest.skip(f"RabbitMQ 4.x not built under {lib} (scripts/rabbitmq4 build)")
+    keys = []
+    for schema in schemas:
+        for key in re.findall(r'\{mapping,\s*"([^"]+)"', schema.read_text(errors="replace")):
+            parts = [r"[^.]+" if p.startswith("$") else re.escape(p) for p in key.split(".")]
+            keys.append(re.compile(r"\.".join(parts) + r"\Z"))
+    return keys
+
+
+def test_every_config_key_is_one_of_rabbitmq_4() -> None:
+    mappings = _rabbitmq4_mappings()
+    for path in (RABBIT / "rabbitmq.conf", RABBIT / "cluster" / "cluster.conf"):
+        unknown = [k for k in conf(path) if not any(m.match(k) for m in mappings)]
+        assert unknown == [], path.name
+    assert not any(m.match("cluster_formation.no_such_key") for m in mappings)
