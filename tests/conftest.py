@@ -10,12 +10,21 @@ answers nothing. Without a broker the broker tests skip locally and fail in
 CI (CI=true), where a skip would hide a gap; a broker that stops answering
 mid-run ends the run at the next test connection or module (within ~30 s)
 instead of timing out every later test.
+
+The broker under test is the machine's (127.0.0.1:5672, the host's
+rabbitmqctl, RabbitMQ 3.10) unless the environment names another:
+LLMQ_TEST_BROKER_HOST / LLMQ_TEST_BROKER_PORT, LLMQ_TEST_RABBITMQCTL (a
+command that behaves like rabbitmqctl for that node, e.g. ``scripts/rabbitmq4
+ctl``) and LLMQ_TEST_BROKER_VERSION (``3.10`` or ``4``: what tests that depend
+on the version read, through ``broker_version`` and the ``broker`` marker).
+``scripts/rabbitmq4 env`` prints these for the 4.x node.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -39,12 +48,35 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 BROKER_HOST = os.environ.get("LLMQ_TEST_BROKER_HOST", "127.0.0.1")
+BROKER_PORT = int(os.environ.get("LLMQ_TEST_BROKER_PORT", "5672"))
+BROKER_VERSION = os.environ.get("LLMQ_TEST_BROKER_VERSION", "3.10")
+RABBITMQCTL = shlex.split(os.environ.get("LLMQ_TEST_RABBITMQCTL", "rabbitmqctl"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "broker(version, reason): the test checks what only that broker version "
+        "(3.10 or 4) does; on another it is skipped with the reason",
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for mark in item.iter_markers("broker"):
+            version = mark.args[0]
+            if version != BROKER_VERSION:
+                reason = mark.kwargs.get("reason") or (mark.args[1] if len(mark.args) > 1 else "")
+                if not reason:
+                    raise pytest.UsageError(f"{item.nodeid}: a broker mark needs a reason")
+                skip = f"RabbitMQ {version} only (testing {BROKER_VERSION}): {reason}"
+                item.add_marker(pytest.mark.skip(reason=skip))
 
 
 def _rabbitmqctl(*args: str) -> subprocess.CompletedProcess[str]:
     try:
         return subprocess.run(
-            ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60, check=False
+            [*RABBITMQCTL, "-q", *args], capture_output=True, text=True, timeout=60, check=False
         )
     except subprocess.TimeoutExpired:
         pytest.exit(f"RabbitMQ stopped answering: rabbitmqctl {args[0]} hung for 60 s", 3)
@@ -54,7 +86,7 @@ def _answers(host: str, timeout: float = 15.0) -> bool:
     """The broker completes the start of an AMQP handshake (a wedged node
     accepts TCP and then says nothing)."""
     try:
-        with socket.create_connection((host, 5672), timeout=timeout) as sock:
+        with socket.create_connection((host, BROKER_PORT), timeout=timeout) as sock:
             sock.sendall(b"AMQP\x00\x00\x09\x01")
             return sock.recv(1) == b"\x01"  # the first byte of Connection.Start
     except OSError:
@@ -70,8 +102,8 @@ def _unavailable(reason: str) -> None:
 @pytest.fixture(scope="module")
 def vhost() -> Iterator[str]:
     """A fresh vhost with full permissions for guest, deleted afterwards."""
-    if shutil.which("rabbitmqctl") is None:
-        _unavailable("rabbitmqctl is not installed")
+    if shutil.which(RABBITMQCTL[0]) is None:
+        _unavailable(f"{RABBITMQCTL[0]} is not installed")
     if _BROKER_SEEN and not _answers(BROKER_HOST):
         pytest.exit("RabbitMQ stopped answering the AMQP handshake mid-run", 3)
     name = f"llmq-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -92,13 +124,19 @@ _BROKER_SEEN: list[str] = []  # vhosts made so far: the broker was up once
 @pytest.fixture(scope="module")
 def amqp_url(vhost: str) -> str:
     """The AMQP URL of the session's private vhost."""
-    return f"amqp://guest:guest@{BROKER_HOST}:5672/{quote(vhost, safe='')}"
+    return f"amqp://guest:guest@{BROKER_HOST}:{BROKER_PORT}/{quote(vhost, safe='')}"
 
 
 @pytest.fixture
 def rabbitmqctl() -> object:
     """Run rabbitmqctl; tests that change broker state must restore it."""
     return _rabbitmqctl
+
+
+@pytest.fixture(scope="session")
+def broker_version() -> str:
+    """The version label of the broker under test: ``3.10`` or ``4``."""
+    return BROKER_VERSION
 
 
 # Fixtures for tests that run workers against the fake fleet: each test gets

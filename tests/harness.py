@@ -49,9 +49,10 @@ class Caller:
 
     async def start(self) -> None:
         self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
-        # Like LlmqClient's: survives a dropped connection, expires when unused.
+        # Like LlmqClient's: survives a dropped connection, expires when unused;
+        # durable because RabbitMQ 4.3 refuses transient non-exclusive queues.
         queue = await self.channel.declare_queue(
-            self.reply_queue, durable=False, arguments={"x-expires": 300_000}
+            self.reply_queue, durable=True, arguments={"x-expires": 300_000}
         )
         await queue.consume(self._on_reply, no_ack=True)
         dead = await self.channel.get_queue(self.settings.topology.dead_queue, ensure=False)

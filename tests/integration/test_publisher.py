@@ -30,9 +30,11 @@ async def publisher(amqp_url: str) -> AsyncIterator[Publisher]:
 async def declare(
     connection: aio_pika.abc.AbstractConnection, **arguments: Any
 ) -> aio_pika.abc.AbstractQueue:
-    """A queue of this test's own (the session's vhost goes, and takes it, at the end)."""
+    """A queue of this test's own (the session's vhost goes, and takes it, at the end);
+    durable, as RabbitMQ 4.3 refuses a transient queue that is not exclusive."""
     channel = await connection.channel()
-    return await channel.declare_queue(f"pub.{uuid.uuid4().hex[:8]}", arguments=arguments)
+    name = f"pub.{uuid.uuid4().hex[:8]}"
+    return await channel.declare_queue(name, durable=True, arguments=arguments)
 
 
 async def test_reply_arrives_with_its_properties(
