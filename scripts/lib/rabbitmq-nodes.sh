@@ -189,7 +189,11 @@ node_configure() {
   fi
 }
 
-node_start() {
+# Start the node in the background; node_await waits for it. Split so that a
+# cluster's nodes start together: a restarted Mnesia node waits for the peer
+# that stopped last, so starting them one at a time can wait for minutes.
+node_launch() {
+  LAUNCHED=
   if node_running; then return 0; fi
   if port_open "$PORT"; then die "port $PORT is taken by something else than $NAME"; fi
   node_configure
@@ -199,14 +203,28 @@ node_start() {
   rm -f "$HOSTBASE/beam.pid"
   node_cmd rabbitmq-server
   setsid "${CMD[@]}" >>"$HOSTBASE/log/stdout.log" 2>&1 </dev/null &
-  local launched=$!
-  for _ in $(seq 1 120); do
+  LAUNCHED=$!
+}
+
+# Wait until the node has booted; fails (1) when it stopped trying.
+node_await() { # [launched pid]
+  local launched=${1:-}
+  for _ in $(seq 1 300); do
     if node_running && node_ctl await_startup --timeout 5 >/dev/null 2>&1; then return 0; fi
-    kill -0 "$launched" 2>/dev/null || break
+    if [ -n "$launched" ]; then kill -0 "$launched" 2>/dev/null || return 1; fi
     sleep 1
   done
+  return 1
+}
+
+node_failed() {
   tail -n 30 "$HOSTBASE/log/stdout.log" >&2 || true
   die "$NAME did not start (logs: $HOSTBASE/log)"
+}
+
+node_start() {
+  node_launch
+  node_await "$LAUNCHED" || node_failed
 }
 
 node_stop() {
