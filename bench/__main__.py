@@ -2,9 +2,9 @@
 
 Names: ceiling, overhead (ceiling and llmq side by side), concurrency, burst,
 routing, gateway, pick, fleet, worker_throughput, priority, fleet_limits,
-spend_cap. ``all`` runs overhead (which includes the ceiling, so the ratios
-come from one invocation), concurrency, burst, routing, gateway, pick, fleet,
-priority, fleet_limits and spend_cap, each in its own
+spend_cap, cluster. ``all`` runs overhead (which includes the ceiling, so the
+ratios come from one invocation), concurrency, burst, routing, gateway, pick,
+fleet, priority, fleet_limits, spend_cap and cluster, each in its own
 process (a failure or a pinned CPU in one does not affect the next), then
 prints the summary of headline figures against the issue's targets and
 writes bench/results/summary.json. ``summary`` rebuilds that from the
@@ -48,6 +48,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "priority": ("bench.priority", [], ["--quick"]),
     "fleet_limits": ("bench.fleet_limits", [], ["--quick"]),
     "spend_cap": ("bench.spend_cap", [], ["--quick"]),
+    "cluster": ("bench.cluster", [], ["--quick"]),
 }
 ALL = [
     "overhead",
@@ -60,6 +61,7 @@ ALL = [
     "priority",
     "fleet_limits",
     "spend_cap",
+    "cluster",
 ]
 TIMEOUT_S = {"routing": 900, "burst": 600, "priority": 900, "fleet_limits": 600}
 
@@ -334,6 +336,7 @@ def summary_rows() -> list[dict[str, Any]]:
             )
     rows += _priority_rows()
     rows += _spend_cap_rows()
+    rows += _cluster_rows()
     f = _load("fleet_ceiling")
     if f:
         srv = f.get("results", {}).get("server", {})
@@ -407,6 +410,33 @@ def _spend_cap_rows() -> list[dict[str, Any]]:
             bool(c["passed"]),
         )
     ]
+
+
+def _cluster_rows() -> list[dict[str, Any]]:
+    """Issue #14: one worker on a three-node 4.x cluster against one 4.x node."""
+    c = _load("cluster")
+    if not c:
+        return []
+    llmq = c["cluster_cost"]["llmq"]
+    rows = [
+        _row(
+            "cluster",
+            "1 worker jobs/s, 4.x node -> 3-node cluster",
+            f"{llmq['max_jobs_per_s'][0]:.0f} -> {llmq['max_jobs_per_s'][1]:.0f}"
+            f" (x{llmq['throughput_ratio']:.2f})",
+        )
+    ]
+    for key, added in llmq.items():
+        if key.startswith("added_at_"):
+            rate = c["rates_per_s"][key.removeprefix("added_at_")]
+            rows.append(
+                _row(
+                    "cluster",
+                    f"cluster's added p50 / p99 at {rate:.0f}/s",
+                    f"{added['p50_ms']:+.2f} / {added['p99_ms']:+.2f} ms",
+                )
+            )
+    return rows
 
 
 def print_summary(rows: list[dict[str, Any]]) -> None:

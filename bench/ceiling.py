@@ -160,6 +160,9 @@ def start_echo(
 Starter = Callable[[str, dict[str, str], Path], list[subprocess.Popen[Any]]]
 """(AMQP URL of the system's vhost, fleet URLs, temp dir) -> worker processes."""
 
+Vhost = Callable[[], contextlib.AbstractContextManager[str]]
+"""A fresh vhost's AMQP URL (several comma-separated for a cluster), deleted afterwards."""
+
 
 @dataclass
 class System:
@@ -170,6 +173,14 @@ class System:
     note: str = ""
     procs: list[subprocess.Popen[Any]] = field(default_factory=list)
     url: str = ""
+    vhost: Vhost = private_vhost
+    broker_ports: tuple[int, ...] = (5672,)
+    """The broker's AMQP ports: its nodes' CPU is metered."""
+
+    @property
+    def producer_url(self) -> str:
+        """The first address: the load generator and topology stay on one node."""
+        return self.url.split(",")[0]
 
 
 def ceiling_systems() -> list[System]:
@@ -208,8 +219,8 @@ def run_comparison(systems: list[System], options: Options) -> dict[str, Any]:
         scenario = ephemeral_scenario(SCENARIOS / "zero.toml", Path(tmp))
         urls, fleet_pid = stack.enter_context(fleet_with_pid(scenario))
         for system in systems:
-            system.url = stack.enter_context(private_vhost())
-            uvloop.run(declare_llmq_topology(system.url))
+            system.url = stack.enter_context(system.vhost())
+            uvloop.run(declare_llmq_topology(system.producer_url))
             system.procs = system.start(system.url, urls, Path(tmp))
             for proc in system.procs:
                 stack.callback(stop_process, proc)
@@ -217,12 +228,12 @@ def run_comparison(systems: list[System], options: Options) -> dict[str, Any]:
 
 
 async def _measure(systems: list[System], o: Options, fleet_pid: int) -> dict[str, Any]:
-    broker = broker_pid()
+    brokers = {s.name: [p for p in map(broker_pid, s.broker_ports) if p] for s in systems}
     async with contextlib.AsyncExitStack() as stack:
         producers: dict[str, Producer] = {}
         for s in systems:
-            await wait_for_consumers(s.url, WORK_QUEUE, s.workers)
-            producers[s.name] = await stack.enter_async_context(Producer(s.url))
+            await wait_for_consumers(s.producer_url, WORK_QUEUE, s.workers)
+            producers[s.name] = await stack.enter_async_context(Producer(s.producer_url))
             # llmq's reply says when the worker started and finished: split the time.
             producers[s.name].collect_routing = s.kind == "llmq"
         maxima: dict[str, list[dict[str, Any]]] = {s.name: [] for s in systems}
@@ -234,7 +245,7 @@ async def _measure(systems: list[System], o: Options, fleet_pid: int) -> dict[st
                     {
                         "workers": pids,
                         "producer": [os.getpid()],
-                        "broker": [broker] if broker else [],
+                        "broker": brokers[s.name],
                         "fleet": [fleet_pid],
                     }
                 )

@@ -381,8 +381,10 @@ class Producer:
     async def __aenter__(self) -> Producer:
         self._connection = await aiormq.connect(self.url)
         self._channel = await self._connection.channel(publisher_confirms=True)
+        # Exclusive: the producer never reconnects, and RabbitMQ 4.3 refuses
+        # transient queues that are not exclusive.
         await self._channel.queue_declare(
-            self.reply_queue, durable=False, arguments={"x-expires": 300_000}
+            self.reply_queue, exclusive=True, arguments={"x-expires": 300_000}
         )
         ok = await self._channel.basic_consume(self.reply_queue, self._on_reply, no_ack=True)
         self._consumer_tag = ok.consumer_tag or ""
