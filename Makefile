@@ -1,5 +1,5 @@
 # One dev loop, reused by CI (.ci/run -> make test).
-.PHONY: install check test unit demo bench fmt clean
+.PHONY: install check test test-rabbitmq4 cluster unit demo bench fmt clean
 
 install:
 	@scripts/install
@@ -14,6 +14,14 @@ fmt: install
 # Installs everything, starts RabbitMQ when needed, runs check and the tests.
 test:
 	@scripts/test
+
+# Only the broker-facing suites on RabbitMQ 4.x (scripts/rabbitmq4, needs root).
+test-rabbitmq4:
+	@scripts/test --rabbitmq4
+
+# A three-node RabbitMQ 4.x cluster on 5691-5693 (scripts/cluster 4 stop ends it).
+cluster:
+	@scripts/cluster 4 start
 
 unit: install
 	.venv/bin/pytest tests/unit
