@@ -22,9 +22,17 @@ import aio_pika
 import orjson
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection, DeliveryMode
 
-from producers.errors import Backpressure, DeadlineExceeded, PublishFailed, Unroutable, error_for
+from producers.errors import (
+    Backpressure,
+    DeadlineExceeded,
+    PublishFailed,
+    TooLarge,
+    Unroutable,
+    error_for,
+)
 from schemas.broker.connection import connect
-from schemas.broker.errors import BrokerFailure, Refused, Returned
+from schemas.broker.errors import BrokerFailure, Refused, Rejected, Returned
+from schemas.broker.errors import TooLarge as BrokerTooLarge
 from schemas.broker.publisher import Outgoing, Publisher
 from schemas.broker_urls import split_urls
 from schemas.codec import decode_reply
@@ -193,6 +201,10 @@ class LlmqClient:
                 raise Unroutable(why) from None
             except Refused:
                 raise Backpressure(f"the {routing_key} queue is full; retry later") from None
+            except BrokerTooLarge as exc:
+                raise TooLarge(str(exc)) from None
+            except Rejected as exc:
+                raise PublishFailed(str(exc)) from None
             except BrokerFailure as exc:
                 raise PublishFailed(f"broker unreachable: {exc}") from None
 

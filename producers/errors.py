@@ -16,7 +16,8 @@
     │   └── InternalError             internal_error
     └── PublishFailed                 the broker did not take the job
         ├── Backpressure              the queue is full (broker nack): slow down
-        └── Unroutable                no queue for the routing key (bad SLA class?)
+        ├── Unroutable                no queue for the routing key (bad SLA class?)
+        └── TooLarge                  over the broker's max_message_size: never retried
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "OverCapacity",
     "PayloadTooLarge",
     "PublishFailed",
+    "TooLarge",
     "UnknownModel",
     "Unroutable",
     "UpstreamError",
@@ -111,6 +113,12 @@ class Backpressure(PublishFailed):
 
 class Unroutable(PublishFailed):
     """No queue is bound for the job's routing key."""
+
+
+class TooLarge(PublishFailed):
+    """The broker refused the job's size (its ``max_message_size``); sending it
+    again fails the same way. The worker's own limit (``worker.max_body_bytes``)
+    answers smaller jobs with ``payload_too_large``."""
 
 
 _BY_CODE: dict[str, type[JobFailed]] = {

@@ -1,7 +1,9 @@
 """The one confirmed publish: ``publish`` returns once the broker has the message.
 
 A returned (unroutable) message and a nack are failures, never silence;
-while the connection is down it publishes again until its timeout.
+while the connection is down it publishes again until its timeout. A publish
+the broker answers by closing the channel (too large, access refused) is
+final: sending it again would only fail again.
 
 Messages go out on the raw aiormq channel with bare AMQP properties:
 aio-pika's ``Message`` costs ~8 µs per message for nothing we use, and its
@@ -21,7 +23,7 @@ import aiormq
 from aio_pika.abc import AbstractConnection, AbstractMessage
 from pamqp.commands import Basic
 
-from schemas.broker.errors import BrokerFailure, Refused, Returned
+from schemas.broker.errors import BrokerFailure, Refused, Rejected, Returned, TooLarge
 
 __all__ = ["FRAME_MAX", "PERSISTENT", "Outgoing", "Publisher"]
 
@@ -108,6 +110,11 @@ class Publisher:
                     f"broker refused the message for {routing_key} (queue full?)"
                 ) from None
             except (
+                aiormq.exceptions.ChannelPreconditionFailed,
+                aiormq.exceptions.ChannelAccessRefused,
+            ) as exc:
+                raise _rejected(exc, len(message.body)) from None
+            except (
                 aiormq.exceptions.AMQPError,
                 aiormq.exceptions.ChannelInvalidStateError,
                 ConnectionError,
@@ -128,3 +135,12 @@ class Publisher:
     async def close(self) -> None:
         if not self._channel.is_closed:
             await self._channel.close()
+
+
+def _rejected(exc: aiormq.exceptions.AMQPError, size: int) -> Rejected:
+    # RabbitMQ: "PRECONDITION_FAILED - message size 17825792 is larger than
+    # configured max size 16777216".
+    text = str(exc.args[0] if exc.args else exc)
+    if "larger than" in text and "max size" in text:
+        return TooLarge(f"the broker refused a {size}-byte message: {text}")
+    return Rejected(f"the broker refused the message: {text}")

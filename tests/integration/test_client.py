@@ -16,6 +16,7 @@ from producers.client import LlmqClient
 from producers.errors import (
     Backpressure,
     InvalidRequest,
+    TooLarge,
     UnknownModel,
     Unroutable,
     UpstreamError,
@@ -209,3 +210,22 @@ async def test_embed_returns_the_embeddings_and_refuses_the_other_kind(
             with pytest.raises(InvalidRequest, match="embedding model"):
                 await client.complete("e1", MESSAGES, sla_ms=5000)
         assert fleet.stats()["chat"].requests == 0
+
+
+@pytest.mark.broker("4", reason="3.10's max_message_size is 128 MiB; 4.0 lowered it to 16 MiB")
+async def test_a_job_over_the_brokers_max_message_size_is_refused_at_once(
+    make_settings: Callable[..., Settings],
+) -> None:
+    async with running_fleet({"name": "a", "models": ["m1"]}) as fleet:
+        settings = make_settings(fleet)
+        async with client_for(settings) as client:
+            huge = [{"role": "user", "content": "x" * (17 * 1024 * 1024)}]
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(TooLarge, match="larger than configured max size"):
+                await client.submit({"model": "m1", "messages": huge})
+            # Refused by the broker's answer, not after the 30 s of reconnect retries.
+            assert asyncio.get_running_loop().time() - started < 10
+            # The client goes on: its publishing channel comes back.
+            async with worker_for(settings):
+                response = await client.complete("m1", MESSAGES, sla_ms=10_000, max_tokens=8)
+            assert response["object"] == "chat.completion"
