@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq
@@ -32,13 +33,14 @@ from workers.service import Worker
 pytestmark = pytest.mark.rabbitmq
 
 ROOT = Path(__file__).resolve().parents[2]
-BROKER_HOST = os.environ.get("LLMQ_TEST_BROKER_HOST", "127.0.0.1")
 
 
 @asynccontextmanager
-async def two_nodes() -> AsyncIterator[tuple[TcpProxy, TcpProxy]]:
-    """Nodes A and B, both up."""
-    a, b = TcpProxy(BROKER_HOST, 5672), TcpProxy(BROKER_HOST, 5672)
+async def two_nodes(amqp_url: str) -> AsyncIterator[tuple[TcpProxy, TcpProxy]]:
+    """Nodes A and B, both up, in front of the broker of ``amqp_url``."""
+    broker = urlsplit(amqp_url)
+    target = (broker.hostname or "127.0.0.1", broker.port or 5672)
+    a, b = TcpProxy(*target), TcpProxy(*target)
     await a.start()
     await b.start()
     try:
@@ -86,7 +88,7 @@ async def test_worker_and_client_move_to_the_live_node_under_load(
     call gets its answer, and each job is confirmed once (re-sends keep the job id)."""
     sent = count_publishes(monkeypatch)
     slow = {"name": "a", "models": ["m1"], "latency_ms": {"median": 150, "p99": 300}}
-    async with running_fleet(slow) as fleet, two_nodes() as (a, b):
+    async with running_fleet(slow) as fleet, two_nodes(amqp_url) as (a, b):
         await b.kill()  # B refuses while everyone connects: all of it goes through A
         settings = on_nodes(make_settings(fleet), amqp_url, a, b)
         worker = Worker(settings, name="w")
@@ -158,7 +160,7 @@ async def test_a_publish_whose_confirm_was_lost_is_sent_again_with_its_job_id(
     queue = settings.topology.queue_name("interactive")
     sent = count_publishes(monkeypatch)
     # Bounded: without failover the client waits for A forever, even to close.
-    async with two_nodes() as (a, b), asyncio.timeout(60):
+    async with two_nodes(amqp_url) as (a, b), asyncio.timeout(60):
         await b.kill()
         async with LlmqClient(
             [a.url(amqp_url), b.url(amqp_url)], exchange=settings.topology.jobs_exchange
@@ -221,7 +223,7 @@ async def test_commands_skip_a_dead_first_address(
     the second; with both dead they say so, naming each node, never the password."""
     settings = load_settings(None, topology=names)
     await apply_topology(connection, plan(settings.topology))
-    async with two_nodes() as (dead, live):
+    async with two_nodes(amqp_url) as (dead, live):
         await dead.kill()
         urls = [dead.url(amqp_url), live.url(amqp_url)]
         config = write_config(tmp_path / "llmq.toml", urls, names)
