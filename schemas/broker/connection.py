@@ -57,6 +57,10 @@ to try: a node whose host is gone does not refuse, it lets SYNs time out (minute
 _NEXT_ATTEMPT_PAUSE_S = 0.5
 """Upper bound of the jittered pause before a first connect tries the next node
 after one that accepted TCP but failed the AMQP handshake."""
+_HANDSHAKE_TIMEOUT_S = 30.0
+"""A whole connect (socket, AMQP handshake, open): a node that accepts the socket
+and then says nothing (wedged, or its Erlang VM stopped in a partition) must
+not hold a worker for ever; the attempt fails and the next goes elsewhere."""
 
 _HEAD = struct.Struct(">BHI")
 _GUARDED = (1, 2)  # method frames and content headers; bodies and heartbeats pass
@@ -260,7 +264,8 @@ async def connect(
             url, client_properties={"connection_name": name}, transport_factory=factory
         )
         try:
-            await connection.connect()
+            # Kept by aio-pika for every reconnect as well.
+            await connection.connect(timeout=_HANDSHAKE_TIMEOUT_S)
         except BaseException:
             await connection.close()
             raise
@@ -292,7 +297,7 @@ async def open_connection(
     async def attempt() -> SafeConnection:
         connection = SafeConnection(url, client_properties=properties, transport_factory=factory)
         try:
-            await connection.connect()
+            await connection.connect(timeout=_HANDSHAKE_TIMEOUT_S)
         except BaseException:
             await connection.close()
             raise

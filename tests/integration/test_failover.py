@@ -240,3 +240,34 @@ async def test_commands_skip_a_dead_first_address(
             assert code == 1, out
             assert f"127.0.0.1:{dead.port}" in out and f"127.0.0.1:{live.port}" in out, out
             assert "guest:guest" not in out
+
+
+async def test_a_node_that_accepts_and_says_nothing_does_not_hold_a_connect(
+    amqp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wedged node (TCP accepted, no AMQP answer) ends the attempt at the
+    handshake timeout; the next attempt reaches the live node."""
+    from schemas.broker import connection as broker_connection
+
+    monkeypatch.setattr(broker_connection, "_HANDSHAKE_TIMEOUT_S", 1.0, raising=False)
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # keep it open, answer nothing
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    live = urlsplit(amqp_url)
+    wedged = live._replace(netloc=f"{live.username}:{live.password}@127.0.0.1:{port}").geturl()
+    try:
+        async with asyncio.timeout(15):
+            command = await broker_connection.open_connection([wedged, amqp_url], name="t")
+            await command.close()
+            worker = await broker_connection.connect(f"{wedged},{amqp_url}", name="t")
+            await worker.close()
+        assert accepted, "the wedged node was tried"
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
