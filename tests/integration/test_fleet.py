@@ -205,7 +205,7 @@ async def test_client_errors(client: aiohttp.ClientSession) -> None:
         async with client.post(f"{base}/chat/completions", data=b"{not json") as response:
             not_json = response.status
         no_messages = await chat(client, base, {"model": "m"})
-        streaming = await chat(client, base, {**CHAT, "stream": True})
+        streaming = await chat(client, base, {**CHAT, "stream": "yes"})
         unknown = await chat(client, base, {**CHAT, "model": "gpt-5"})
         async with client.get(f"{base}/nowhere") as response:
             nowhere = response.status

@@ -363,7 +363,9 @@ def test_parse_chat() -> None:
         b'{"messages": [{}]}': 400,
         b'{"model": "m"}': 400,
         b'{"model": "m", "messages": []}': 400,
-        b'{"model": "m", "messages": [{}], "stream": true}': 400,
+        b'{"model": "m", "messages": [{}], "stream": 1}': 400,
+        b'{"model": "m", "messages": [{}], "stream_options": {"include_usage": true}}': 400,
+        b'{"model": "m", "messages": [{}], "stream": true, "stream_options": []}': 400,
         b'{"model": "m", "messages": [{}], "max_tokens": 0}': 400,
         b'{"model": "other", "messages": [{}]}': 404,
     }

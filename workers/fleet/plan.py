@@ -52,6 +52,7 @@ class Effective:
     error_rate: float
     malformed_rate: float
     no_usage_rate: float
+    stream_cut_rate: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +65,14 @@ class Plan:
     completion_tokens: int
     finish_reason: str
     usage: bool
+    latency_s: float
+    """The latency alone: a stream's time to its first byte."""
+    token_s: float
+    """The mean gap between a stream's tokens."""
+    stream_cut_rate: float
+    stream_seed: int | None
+    """A stream's own generator seed (:func:`workers.fleet.stream.pace`); None
+    for a request that does not stream."""
 
 
 def window_active(window: Window, t: float) -> bool:
@@ -90,6 +99,7 @@ def effective(endpoint: Endpoint, t: float) -> Effective:
             error_rate=endpoint.error_rate,
             malformed_rate=endpoint.malformed_rate,
             no_usage_rate=endpoint.no_usage_rate,
+            stream_cut_rate=endpoint.stream_cut_rate,
         )
     latency_x, down = 1.0, False
     rates = {
@@ -98,6 +108,7 @@ def effective(endpoint: Endpoint, t: float) -> Effective:
         "error_rate": endpoint.error_rate,
         "malformed_rate": endpoint.malformed_rate,
         "no_usage_rate": endpoint.no_usage_rate,
+        "stream_cut_rate": endpoint.stream_cut_rate,
     }
     for window in endpoint.windows:
         if not window_active(window, t):
@@ -146,10 +157,14 @@ def plan_request(
     max_tokens: int | None = None,
     *,
     input_tokens: int | None = None,
+    stream: bool = False,
 ) -> Plan:
     """Decide the answer to the next request arriving at fleet time ``t``.
 
-    Draws, always in this order: the outcome, the latency, the length, the usage.
+    Draws, always in this order: the outcome, the latency, the length, the
+    usage, and for a ``stream`` a seed for the stream's own draws (its cut
+    and token gaps), so a request that does not stream takes the same draws
+    as before streams existed.
     Outcomes split [0, 1) in the order rate limit, hang, error, malformed, ok.
     With ``input_tokens`` (an embeddings request) nothing is generated: the
     time grows with the input (``ms_per_input_token``) and the length is 0.
@@ -158,6 +173,7 @@ def plan_request(
     z = rng.normalvariate(0.0, 1.0)
     tokens = rng.randint(endpoint.output_tokens.min, endpoint.output_tokens.max)
     u_usage = rng.random()
+    stream_seed = rng.getrandbits(64) if stream else None
 
     now = effective(endpoint, t)
     outcome = Outcome.OK
@@ -176,7 +192,7 @@ def plan_request(
     finish_reason = "stop"
     if max_tokens is not None and tokens > max_tokens:
         tokens, finish_reason = max_tokens, "length"
-    delay = latency_s(endpoint.latency_ms, z)
+    latency = delay = latency_s(endpoint.latency_ms, z)
     answered = outcome in (Outcome.OK, Outcome.MALFORMED)
     if input_tokens is not None:
         tokens = 0
@@ -192,4 +208,8 @@ def plan_request(
         completion_tokens=tokens,
         finish_reason=finish_reason,
         usage=u_usage >= now.no_usage_rate,
+        latency_s=0.0 if outcome is Outcome.RATE_LIMITED else latency * now.latency_x,
+        token_s=endpoint.ms_per_token / 1000.0 * now.latency_x,
+        stream_cut_rate=now.stream_cut_rate,
+        stream_seed=stream_seed,
     )

@@ -113,6 +113,7 @@ class Window(_Strict):
     hang_rate: Rate | None = None
     malformed_rate: Rate | None = None
     no_usage_rate: Rate | None = None
+    stream_cut_rate: Rate | None = None
 
     @model_validator(mode="after")
     def _span(self) -> Window:
@@ -151,7 +152,13 @@ class Endpoint(_Strict):
     (``sk-abc****wxyz``), or all of it, like a careless relay (secret tests).
     Azure never echoes a key; an azure endpoint does here, for the same tests."""
     latency_ms: Latency = Latency(median=0.0, p99=0.0)
+    """Time to first byte; for a stream, time to its first token."""
     ms_per_token: float = Field(default=0.0, ge=0.0)
+    """Per output token: added to a whole answer's time, or the mean gap
+    between a stream's tokens."""
+    token_jitter: float = Field(default=0.25, ge=0.0, le=1.0)
+    """Streams only: each gap between tokens is ``ms_per_token`` times a
+    uniform factor in [1 - jitter, 1 + jitter]."""
     ms_per_input_token: float = Field(default=0.01, ge=0.0)
     """Embeddings only: time per input token on top of the latency, so a
     bigger input takes longer (8,000 tokens: 80 ms by default)."""
@@ -164,6 +171,9 @@ class Endpoint(_Strict):
     hang_max_s: float = Field(default=600.0, gt=0.0)
     malformed_rate: Rate = 0.0
     no_usage_rate: Rate = 0.0
+    stream_cut_rate: Rate = 0.0
+    """Fraction of successful streams cut mid-way: the connection is closed
+    after some tokens, without a finish chunk or ``[DONE]``."""
     drip_s: float = Field(default=0.0, ge=0.0)
     drip_chunks: int = Field(default=8, ge=1, le=1000)
     capacity: int = Field(default=0, ge=0)

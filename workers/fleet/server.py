@@ -24,6 +24,7 @@ from aiohttp import web
 
 from workers.fleet import anthropic_wire as anthropic
 from workers.fleet import azure_wire as azure
+from workers.fleet import stream
 from workers.fleet.anthropic_wire import MessagesCall
 from workers.fleet.plan import Outcome, Plan, plan_request
 from workers.fleet.scenario import Endpoint
@@ -47,6 +48,7 @@ from workers.fleet.wire import (
 __all__ = ["Admin", "EndpointServer", "Seen"]
 
 _JSON = "application/json"
+_SSE = "text/event-stream; charset=utf-8"
 _REBIND_TRIES = 50
 """Reopening right after a close can meet EADDRINUSE while the old socket closes."""
 
@@ -255,7 +257,7 @@ class EndpointServer:
                 raw, self.endpoint.models, deployment
             )
         else:
-            call = parse_chat(raw, self.endpoint.models, deployment)
+            call = parse_chat(raw, self.endpoint.models, deployment, streams=False)
             if isinstance(call, ChatCall) and azure.filtered(call.messages):
                 call = azure.content_filter_refusal()
         dialect = azure.dialect(operation, str(version), self.endpoint.retry_after_s)
@@ -326,7 +328,11 @@ class EndpointServer:
         if isinstance(call, Refusal):
             return self._answer(call.status, call.body)
         stats = self.stats
-        if isinstance(call, ChatCall | MessagesCall):
+        if isinstance(call, ChatCall):
+            plan = plan_request(
+                self.endpoint, self._rng, self._clock(), call.max_tokens, stream=call.stream
+            )
+        elif isinstance(call, MessagesCall):
             plan = plan_request(self.endpoint, self._rng, self._clock(), call.max_tokens)
         else:
             plan = plan_request(self.endpoint, self._rng, self._clock(), input_tokens=call.tokens)
@@ -385,12 +391,17 @@ class EndpointServer:
             if request.transport is not None:
                 request.transport.close()
             raise asyncio.CancelledError
-        if plan.delay_s > 0:
-            await asyncio.sleep(plan.delay_s)
+        streamed = isinstance(call, ChatCall) and call.stream
+        delay = plan.latency_s if streamed else plan.delay_s
+        if delay > 0:
+            await asyncio.sleep(delay)
         if plan.outcome is Outcome.ERROR:
             message = "The server had an error while processing your request. (fleet: error_rate)"
             status = self.endpoint.error_status
             return self._answer(status, dialect.error(status, message))
+        if streamed:
+            assert isinstance(call, ChatCall)
+            return await self._stream(request, call, plan, seq)
         if plan.outcome is Outcome.MALFORMED:
             return self._answer(200, MALFORMED_BODY)
         if isinstance(call, EmbeddingCall):
@@ -413,6 +424,73 @@ class EndpointServer:
         if self.endpoint.drip_s <= 0:
             return self._answer(200, body)
         return await self._drip(request, body)
+
+    async def _stream(
+        self, request: web.BaseRequest, call: ChatCall, plan: Plan, seq: int
+    ) -> web.StreamResponse:
+        """A 200 event stream: the first token now, the others paced by the plan.
+
+        Tokens due at once are written together; gaps count from the first
+        token, so sleeps do not add up their overshoot. A client gone
+        mid-stream ends it here (or cancels the task, counted by ``_call``).
+        """
+        stats = self.stats
+        stats.status(200)
+        stats.streams += 1
+        response = web.StreamResponse(
+            status=200, headers={**self._headers, "Content-Type": _SSE, "Cache-Control": "no-cache"}
+        )
+        events = stream.stream_events(
+            endpoint=self.endpoint.name,
+            seq=seq,
+            model=call.model,
+            created=int(time.time()),
+            completion_tokens=plan.completion_tokens,
+            finish_reason=plan.finish_reason,
+            prompt=prompt_tokens(call.messages),
+            usage=plan.usage,
+            include_usage=call.include_usage,
+        )
+        pacing = stream.pace(plan, self.endpoint.token_jitter)
+        loop = asyncio.get_running_loop()
+        try:
+            await response.prepare(request)
+            if plan.outcome is Outcome.MALFORMED:
+                await response.write(events.first + stream.MALFORMED_EVENT)
+                self._cut(request)
+                return response
+            tokens = events.tokens
+            if pacing.cut_after is not None:
+                tokens = tokens[: pacing.cut_after]
+            pending, start, due = events.first, loop.time(), 0.0
+            for i, token in enumerate(tokens):
+                if i:
+                    due += pacing.gaps_s[i - 1]
+                    wait = start + due - loop.time()
+                    if wait > 0 and pending:
+                        await response.write(pending)
+                        pending = b""
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                pending += token
+            if pacing.cut_after is not None:
+                await response.write(pending)
+                stats.cut += 1
+                self._cut(request)
+                return response
+            await response.write(pending + events.last)
+        except ConnectionError:  # the client went away between two writes
+            stats.dropped += 1
+            return response
+        await response.write_eof()
+        return response
+
+    @staticmethod
+    def _cut(request: web.BaseRequest) -> None:
+        """Close the connection mid-body: what was written arrives, then the end
+        of the chunked body never does (aiohttp's ``write_eof`` finds it closing)."""
+        if request.transport is not None:
+            request.transport.close()
 
     async def _drip(self, request: web.BaseRequest, body: bytes) -> web.StreamResponse:
         """Send the headers, then the body in equal chunks spread over ``drip_s``."""

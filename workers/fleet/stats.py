@@ -30,7 +30,12 @@ class EndpointStats:
     """Gauge: completions waiting for a slot (``over_capacity = "queue"``)."""
     hangs: int = 0
     dropped: int = 0
-    """Completions whose client went away before the answer (hangs not counted)."""
+    """Completions whose client went away before the answer (hangs not counted),
+    streams whose client went away before their end included."""
+    streams: int = 0
+    """Streamed answers begun (a 200 event stream, malformed and cut ones included)."""
+    cut: int = 0
+    """Streams cut mid-way by ``stream_cut_rate``."""
     max_per_minute: int = 0
     """Most requests that arrived within any 60 seconds (what a provider's rpm counts)."""
     _arrivals: deque[float] = field(default_factory=deque, repr=False)
@@ -61,6 +66,7 @@ class EndpointStats:
     def reset(self) -> None:
         """Zero the counters; the gauges keep their live values."""
         self.requests = self.hangs = self.dropped = self.max_per_minute = 0
+        self.streams = self.cut = 0
         self._arrivals.clear()
         self.by_status = {}
         self.outcomes = {}
@@ -77,6 +83,8 @@ class EndpointStats:
             queued=self.queued,
             hangs=self.hangs,
             dropped=self.dropped,
+            streams=self.streams,
+            cut=self.cut,
             max_per_minute=self.max_per_minute,
         )
 
@@ -91,5 +99,7 @@ class EndpointStats:
             "queued": self.queued,
             "hangs": self.hangs,
             "dropped": self.dropped,
+            "streams": self.streams,
+            "cut": self.cut,
             "max_per_minute": self.max_per_minute,
         }

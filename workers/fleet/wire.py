@@ -158,6 +158,9 @@ class ChatCall:
     model: str
     messages: list[Any]
     max_tokens: int | None
+    stream: bool = False
+    include_usage: bool = False
+    """``stream_options.include_usage``: a last chunk with the usage."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,12 +176,13 @@ def _invalid(message: str, param: str | None = None, code: str | None = None) ->
 
 
 def parse_chat(
-    raw: bytes, models: tuple[str, ...], deployment: str | None = None
+    raw: bytes, models: tuple[str, ...], deployment: str | None = None, *, streams: bool = True
 ) -> ChatCall | Refusal:
-    """Check a request body as OpenAI would: JSON, messages, model, no streaming.
+    """Check a request body as OpenAI would: JSON, messages, model, streaming.
 
     With ``deployment`` (Azure: the model is in the URL, checked already) the
-    body's ``model`` is ignored, as Azure ignores it.
+    body's ``model`` is ignored, as Azure ignores it. Without ``streams``
+    (a kind whose fake does not stream) ``stream: true`` is refused.
     """
     body = _json_object(raw)
     if isinstance(body, Refusal):
@@ -189,8 +193,9 @@ def parse_chat(
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         return _invalid("'messages' must be a non-empty array", "messages")
-    if body.get("stream"):
-        return _invalid("this fake upstream does not stream", "stream", "unsupported_value")
+    stream = _stream_options(body, streams)
+    if isinstance(stream, Refusal):
+        return stream
     max_tokens = body.get("max_completion_tokens")
     if max_tokens is None:
         max_tokens = body.get("max_tokens")
@@ -201,7 +206,33 @@ def parse_chat(
     if model not in models:
         message = f"The model `{model}` does not exist or you do not have access to it."
         return Refusal(404, error_body(message, "invalid_request_error", "model_not_found"))
-    return ChatCall(model=model, messages=messages, max_tokens=max_tokens)
+    return ChatCall(model, messages, max_tokens, *stream)
+
+
+def _stream_options(body: dict[str, Any], streams: bool) -> tuple[bool, bool] | Refusal:
+    """``(stream, include_usage)`` as OpenAI checks them: booleans (or null), and
+    ``stream_options`` an object given only with ``stream: true``."""
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        return _invalid("'stream' must be a boolean", "stream")
+    if stream and not streams:
+        return _invalid("this fake upstream does not stream", "stream", "unsupported_value")
+    options = body.get("stream_options")
+    if options is None:
+        return bool(stream), False
+    if not stream:
+        return _invalid(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            "stream_options",
+        )
+    if not isinstance(options, dict):
+        return _invalid("'stream_options' must be an object", "stream_options")
+    include_usage = options.get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        return _invalid(
+            "'stream_options.include_usage' must be a boolean", "stream_options.include_usage"
+        )
+    return True, bool(include_usage)
 
 
 def _json_object(raw: bytes) -> dict[str, Any] | Refusal:
