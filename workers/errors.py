@@ -3,7 +3,9 @@
 ::
 
     WorkerError
-    └── UpstreamFailure        one attempt at one endpoint failed (carries a FailureKind)
+    ├── UpstreamFailure        one attempt at one endpoint failed (carries a FailureKind)
+    └── providers.sse.SseError an upstream event stream cannot be read on
+        └── EventTooLarge      one event outgrew the reader's bound
 
     schemas.broker.errors.BrokerFailure   a reply or dead letter was not confirmed
     ├── Returned                         returned: no queue bound / reply queue gone
