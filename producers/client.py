@@ -1,8 +1,10 @@
 """``LlmqClient``: submit jobs and wait for their replies.
 
 RPC over one reply queue per client (durable, not exclusive, expiring when
-unused, so it outlives a dropped connection): each job's correlation id
-maps to a future; unknown, late and duplicate replies are ignored. Every
+unused, so it outlives a dropped connection; a quorum queue by default, so
+it also outlives the loss of the cluster node it lives on): each job's
+correlation id maps to a future; unknown, late and duplicate replies are
+ignored. Every
 publish waits for the broker's confirm: a nack (the work queue is full) is
 :class:`Backpressure`, a returned message :class:`Unroutable`; a publish cut
 off by a reconnect is sent again with the same job id.
@@ -15,7 +17,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import aio_pika
@@ -44,6 +46,8 @@ _REPUBLISH_WINDOW_S = 30.0
 _REPLY_GRACE_S = 5.0
 _REPLY_QUEUE_EXPIRES_MS = 300_000
 
+ReplyQueueType = Literal["quorum", "classic"]
+
 
 class LlmqClient:
     """Async client for llmq. Use as ``async with LlmqClient(url) as client:``."""
@@ -57,6 +61,7 @@ class LlmqClient:
         max_unconfirmed: int = 256,
         tenant: str | None = None,
         user_id: str | None = None,
+        reply_queue_type: ReplyQueueType = "quorum",
     ) -> None:
         """``url``: one AMQP URL, or the nodes of one cluster (a list, or URLs separated
         by commas): the connection moves to a live node when its own dies.
@@ -77,6 +82,7 @@ class LlmqClient:
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._reply: aio_pika.abc.AbstractQueue | None = None
         self._reply_tag: str | None = None
+        self._reply_queue_type = reply_queue_type
         self.reply_queue = f"llmq.reply.{uuid.uuid4().hex}"
 
     @property
@@ -99,11 +105,14 @@ class LlmqClient:
         # it once it has been unused for _REPLY_QUEUE_EXPIRES_MS. Durable: RabbitMQ
         # 4.3 refuses transient queues that are not exclusive (the deprecated
         # feature transient_nonexcl_queues), and a durable one also outlives a
-        # broker restart.
+        # broker restart. Quorum (3.10+ take x-expires on it): a classic queue
+        # whose node is down refuses the replies meant for it, and cannot even
+        # be re-declared elsewhere until that node is back.
+        arguments: dict[str, Any] = {"x-expires": _REPLY_QUEUE_EXPIRES_MS}
+        if self._reply_queue_type == "quorum":
+            arguments["x-queue-type"] = "quorum"
         self._reply = await self._channel.declare_queue(
-            self.reply_queue,
-            durable=True,
-            arguments={"x-expires": _REPLY_QUEUE_EXPIRES_MS},
+            self.reply_queue, durable=True, arguments=arguments
         )
         self._reply_tag = await self._reply.consume(self._on_reply, no_ack=True)
         return self
