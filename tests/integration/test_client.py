@@ -178,17 +178,19 @@ async def test_the_reply_queue_is_legal_on_rabbitmq_4_3_and_expires(
 ) -> None:
     """RabbitMQ 4.3 refuses a transient queue that is not exclusive: the client's
     reply queue is durable (it must outlive a dropped connection, so not exclusive)
-    and expires once unused."""
+    and expires once unused; a quorum queue, replicated over a cluster's nodes."""
     async with running_fleet({"name": "a", "models": ["m1"]}) as fleet:
         settings = make_settings(fleet)
         async with client_for(settings) as client:
             listed = rabbitmqctl(
-                "list_queues", "-p", vhost, "name", "durable", "exclusive", "arguments"
+                "list_queues", "-p", vhost, "name", "durable", "exclusive", "arguments", "type"
             )
             rows = [r.split("\t") for r in listed.stdout.splitlines()]
             [row] = [r for r in rows if r[0] == client.reply_queue]
-    assert row[1:3] == ["true", "false"]
+    # RabbitMQ lists no exclusive flag for a quorum queue (it can't be exclusive).
+    assert row[1] == "true" and row[2] in ("false", "")
     assert "x-expires" in row[3]
+    assert row[4] == "quorum"
 
 
 async def test_embed_returns_the_embeddings_and_refuses_the_other_kind(
