@@ -178,7 +178,11 @@ def main(argv: list[str] | None = None) -> None:
     with brokers():
         result = run_comparison(systems(), options)
     print_table(result)
-    result["comparison"] = compare(result)
+    # Each llmq row against the echo ceiling on the same broker only.
+    result["comparison"] = {
+        name: {ref: c for ref, c in refs.items() if ref.split("-")[-1] == name.split("-")[-1]}
+        for name, refs in compare(result).items()
+    }
     result["cluster_cost"] = cluster_cost(result)
     result["targets"] = []
     print_comparison(result)

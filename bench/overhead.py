@@ -156,7 +156,10 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 def print_comparison(result: dict[str, Any]) -> None:
     print()
-    print(f"{'llmq':<9}{'vs':<11}{'jobs/s ratio':>13}{'CPU ratio':>11}  added p50 / p99 ms")
+    width = 2 + max((len(n) for refs in result["comparison"].values() for n in refs), default=9)
+    print(
+        f"{'llmq':<{width}}{'vs':<{width}}{'jobs/s ratio':>13}{'CPU ratio':>11}  added p50 / p99 ms"
+    )
     for name, refs in result["comparison"].items():
         for ref, c in refs.items():
             added = "  ".join(
@@ -165,7 +168,8 @@ def print_comparison(result: dict[str, Any]) -> None:
                 if k.startswith("added_at_")
             )
             print(
-                f"{name:<9}{ref:<11}{c['throughput_ratio']:>13.0%}{c['cpu_ratio']:>11.2f}  {added}"
+                f"{name:<{width}}{ref:<{width}}{c['throughput_ratio']:>13.0%}"
+                f"{c['cpu_ratio']:>11.2f}  {added}"
             )
     print()
     print("where llmq's time goes (its replies' routing timings; p50 / p99 ms, first round):")
