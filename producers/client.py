@@ -32,6 +32,7 @@ from producers.errors import (
     Unroutable,
     error_for,
 )
+from producers.stream import ChatStream
 from schemas.broker.connection import connect
 from schemas.broker.errors import BrokerFailure, Refused, Rejected, Returned
 from schemas.broker.errors import TooLarge as BrokerTooLarge
@@ -267,6 +268,46 @@ class LlmqClient:
             raise error_for(reply)
         response: dict[str, Any] = reply["response"]
         return response
+
+    def stream(
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        *,
+        sla_ms: int | None = None,
+        sla_class: str = SlaClass.INTERACTIVE.value,
+        tenant: str | None = None,
+        job_id: str | None = None,
+        **params: Any,
+    ) -> ChatStream:
+        """A streamed chat completion: ``async with client.stream(...) as s: async for
+        chunk in s``. Chunks are OpenAI ``chat.completion.chunk`` objects; after the
+        last, ``s.finish_reason``, ``s.usage`` and ``s.routing`` are set.
+
+        Errors before the first chunk raise as :meth:`complete` does; a stream that
+        breaks off after it raises :class:`~producers.errors.StreamInterrupted`.
+        Leaving the ``async with`` early cancels the upstream call."""
+        job_id = job_id or uuid.uuid4().hex
+        body = {"model": model, "messages": messages, **params, "stream": True}
+        wait_s = (sla_ms or self._default_sla_ms) / 1000 + _REPLY_GRACE_S
+
+        async def submit(queue: str) -> str:
+            return await self.submit(
+                body,
+                reply_to=queue,
+                job_id=job_id,
+                sla_ms=sla_ms,
+                sla_class=sla_class,
+                tenant=tenant,
+            )
+
+        return ChatStream(
+            self._stream_channel, f"{self.reply_queue}.{job_id}", submit, wait_s=wait_s
+        )
+
+    def _stream_channel(self) -> aio_pika.abc.AbstractChannel:
+        assert self._channel is not None, "use LlmqClient as an async context manager"
+        return self._channel
 
     async def embed(
         self,

@@ -13,7 +13,9 @@
     │   ├── NoHealthyEndpoint         no_healthy_endpoint
     │   ├── OverCapacity              over_capacity
     │   ├── OverBudget                over_budget
-    │   └── InternalError             internal_error
+    │   ├── InternalError             internal_error
+    │   └── StreamInterrupted         stream_interrupted: chunks already yielded
+    │                                 are not the whole answer
     └── PublishFailed                 the broker did not take the job
         ├── Backpressure              the queue is full (broker nack): slow down
         ├── Unroutable                no queue for the routing key (bad SLA class?)
@@ -38,6 +40,7 @@ __all__ = [
     "OverCapacity",
     "PayloadTooLarge",
     "PublishFailed",
+    "StreamInterrupted",
     "TooLarge",
     "UnknownModel",
     "Unroutable",
@@ -103,6 +106,10 @@ class InternalError(JobFailed):
     code = ErrorCode.INTERNAL_ERROR
 
 
+class StreamInterrupted(JobFailed):
+    code = ErrorCode.STREAM_INTERRUPTED
+
+
 class PublishFailed(LlmqError):
     """The broker did not confirm the job; it was not accepted."""
 
@@ -134,6 +141,7 @@ _BY_CODE: dict[str, type[JobFailed]] = {
         OverCapacity,
         OverBudget,
         InternalError,
+        StreamInterrupted,
     )
 }
 

@@ -96,6 +96,8 @@ class Job:
     """The body's size: a bound on the prompt tokens it can be billed for."""
     kind: JobKind = JobKind.CHAT
     """What the body asks for (the ``kind`` header): chat or embedding."""
+    stream: bool = False
+    """The body asks for a streamed answer (``stream: true``, chat only)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +191,7 @@ def decode_job(
         n=n,
         body_bytes=len(delivery.body),
         kind=h.kind,
+        stream=isinstance(request, ChatRequest) and request.stream is True,
     )
 
 

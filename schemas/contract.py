@@ -107,6 +107,14 @@ class ChatMessage(BaseModel):
     content: Any = None
 
 
+class StreamOptions(BaseModel):
+    """OpenAI's ``stream_options``: ``include_usage`` adds a last chunk with the usage."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    include_usage: bool | None = None
+
+
 class ChatRequest(BaseModel):
     """An OpenAI chat-completions request body.
 
@@ -123,16 +131,9 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, le=10_000_000)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=10_000_000)
     temperature: float | None = Field(default=None, ge=0, le=2)
-    stream: Literal[False] | None = None
-    """Streaming does not fit a queue: the reply is one message."""
-
-    @field_validator("stream", mode="before")
-    @classmethod
-    def _no_stream(cls, value: Any) -> Any:
-        # Literal[False] alone accepts 0 (0 == False), which would be forwarded.
-        if value is not None and value is not False:
-            raise ValueError("must be false or absent: the reply is one message")
-        return value
+    stream: bool | None = None
+    """``true`` asks for the answer as a stream of chunks (docs/protocol.md, "Streamed replies")."""
+    stream_options: StreamOptions | None = None
 
     def output_cap(self) -> int | None:
         """The most output tokens the caller allows, if it said."""

@@ -35,6 +35,11 @@ class ErrorCode(StrEnum):
     """A hard spending cap for the model or tenant is reached."""
     INTERNAL_ERROR = "internal_error"
     """The worker failed on this job repeatedly (poison message, delivery limit)."""
+    STREAM_INTERRUPTED = "stream_interrupted"
+    """A streamed answer broke off after its first chunk reached the caller (the
+    upstream failed mid-answer, the caller's stream queue went away, or a
+    restarted worker began the answer again): the chunks received are not the
+    whole answer. Asking again is safe."""
 
 
 # Whether resubmitting the same job later may succeed.
@@ -49,6 +54,7 @@ RETRIABLE: dict[ErrorCode, bool] = {
     ErrorCode.OVER_CAPACITY: True,
     ErrorCode.OVER_BUDGET: False,
     ErrorCode.INTERNAL_ERROR: False,
+    ErrorCode.STREAM_INTERRUPTED: True,
 }
 
 # The HTTP status an OpenAI-compatible front end answers with. Codes a caller
@@ -66,4 +72,5 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.OVER_CAPACITY: 429,
     ErrorCode.OVER_BUDGET: 429,
     ErrorCode.INTERNAL_ERROR: 500,
+    ErrorCode.STREAM_INTERRUPTED: 502,
 }

@@ -388,6 +388,14 @@ class WorkerSettings(_Strict):
     worker publishes only to these; llmq's own queues never match."""
     strict_preflight: bool = False
     """Refuse to start when a start-up check (consumer timeout) finds a problem."""
+    stream_flush_ms: float = Field(default=20.0, ge=0, le=10_000)
+    """A streamed answer's chunks wait at most this long for company before they
+    go to the caller as one message (the first token never waits)."""
+    stream_flush_tokens: int = Field(default=16, ge=1, le=100_000)
+    """...or until this many tokens are held."""
+    stream_gap_s: float = Field(default=60.0, gt=0, le=3600)
+    """A stream silent for this long mid-answer is broken (the job's deadline
+    bounds the whole stream as well)."""
 
     @field_validator("reply_queues")
     @classmethod

@@ -3,6 +3,12 @@
 The routing core decides (which endpoint, whether to retry, wait or give up,
 whether to hedge); this module only carries the decisions out with asyncio:
 starting attempts, timers, cancelling the loser of a hedge.
+
+A streamed job's attempt succeeds at its first token (:class:`Streaming`):
+retries and hedges happen before the caller has seen anything. The attempt's
+reservation (endpoint slot, rate window) then stays taken until the stream
+ends: :meth:`Dispatcher.end_stream` hands it back, once, with the whole
+answer's latency sample.
 """
 
 from __future__ import annotations
@@ -37,8 +43,9 @@ from workers.routing import (
 )
 from workers.routing.pacing import after_failure, capacity_wake, hedge_after, too_late
 from workers.upstream import Upstream
+from workers.upstream_streams import Opened, open_body
 
-__all__ = ["Abandoned", "Dispatcher", "Failed", "Served"]
+__all__ = ["Abandoned", "Answer", "Dispatcher", "Failed", "Served", "Streaming"]
 
 log = logging.getLogger("llmq.worker")
 
@@ -54,9 +61,26 @@ class Abandoned:
     elapsed_s: float
 
 
+@dataclass(slots=True)
+class Streaming:
+    """A streamed attempt past its first token: the open stream and the
+    reservation it holds until :meth:`Dispatcher.end_stream`."""
+
+    opened: Opened
+    attempt: Attempt
+    choice: Choice
+    work: Work
+    first_token_s: float
+    """From the attempt's start to its first token."""
+    ended: bool = False
+
+
+Answer = UpstreamReply | Streaming
+
+
 @dataclass(frozen=True, slots=True)
 class Served:
-    reply: UpstreamReply
+    reply: Answer
     endpoint: str
     model: str
     attempts: int
@@ -83,7 +107,7 @@ _Waiters = dict[asyncio.Future[None], None]
 @dataclass(slots=True)
 class _Running:
     choice: Choice
-    task: asyncio.Task[UpstreamReply]
+    task: asyncio.Task[Answer]
     started: float
 
 
@@ -130,6 +154,7 @@ class Dispatcher:
             output_tokens=job.output_cap,
             by_input=job.kind is JobKind.EMBEDDING,
             batch=job.sla_class == SlaClass.BATCH,
+            stream=job.stream,
         )
         self.retry_budget.record_request(self._clock())
         choice = await self._first_choice(model, work, deadline)
@@ -144,6 +169,7 @@ class Dispatcher:
         progress = Progress(attempts=0, tried=frozenset(), deadline=deadline)
         running: list[_Running] = []
         lost: list[Abandoned] = []
+        winner: _Running | None = None
         try:
             while True:
                 progress = progress.attempted(choice.endpoint)
@@ -173,7 +199,8 @@ class Dispatcher:
                     )
                     error = done.task.exception()
                     if error is None:
-                        await _cancel_all(running)  # the losers record themselves in lost
+                        winner = done
+                        await self._cancel_all(running, keep=done)  # losers go in lost
                         result = done.task.result()
                         return self._served(result, done.choice, done.started, progress, lost)
                     assert isinstance(error, UpstreamFailure)
@@ -192,7 +219,7 @@ class Dispatcher:
                 choice = step.choice
                 self._hook(Retried(choice.endpoint, failure.kind.value))
         finally:
-            await _cancel_all(running)  # on shutdown, or a bug: nothing left running
+            await self._cancel_all(running, keep=winner)  # on shutdown, or a bug
 
     async def _raced(
         self,
@@ -232,7 +259,7 @@ class Dispatcher:
 
     def _served(
         self,
-        reply: UpstreamReply,
+        reply: Answer,
         choice: Choice,
         started: float,
         progress: Progress,
@@ -376,15 +403,25 @@ class Dispatcher:
         work: Work,
         deadline: float,
         lost: list[Abandoned],
-    ) -> UpstreamReply:
+    ) -> Answer:
         """One upstream call on the reservation ``attempt`` (slot, rate window,
         probe), which every path below hands back exactly once: success, an
-        upstream failure, or anything else (cancellation, a bug) as a cancel."""
+        upstream failure, or anything else (cancellation, a bug) as a cancel.
+        A stream past its first token takes the reservation with it."""
         router = self.router
         now = attempt.started
         try:
             timeout = router.attempt_timeout(choice.endpoint, work=work, remaining_s=deadline - now)
             adapter = self._adapters[choice.endpoint]
+            if work.stream:
+                opened = await self._upstream.open_stream(
+                    adapter,
+                    job.kind,
+                    adapter.call(job.kind, open_body(job.body, adapter), choice.upstream_model),
+                    timeout_s=max(timeout, 0.001),
+                    traceparent=job.traceparent,
+                )
+                return Streaming(opened, attempt, choice, work, self._clock() - now)
             reply = await self._upstream.send(
                 adapter,
                 job.kind,
@@ -413,6 +450,50 @@ class Dispatcher:
         self._hook(AttemptDone(choice.endpoint, choice.model, "ok", end - now))
         return reply
 
+    def end_stream(
+        self,
+        streaming: Streaming,
+        *,
+        output_tokens: int | None = None,
+        failure: FailureKind | None = None,
+        cancelled: bool = False,
+    ) -> None:
+        """Hand a stream's reservation back, once: the whole answer's latency
+        sample on success, the failure, or a cancel (no sample)."""
+        if streaming.ended:
+            return
+        streaming.ended = True
+        self._attempt_ended()
+        end = self._clock()
+        attempt, choice = streaming.attempt, streaming.choice
+        if cancelled:
+            self.router.cancel(attempt, now=end)
+            outcome = "cancelled"
+        elif failure is not None:
+            self.router.fail(attempt, failure, now=end)
+            outcome = failure.value
+        else:
+            self.router.succeed(attempt, now=end, output_tokens=output_tokens)
+            outcome = "ok"
+        self._hook(AttemptDone(choice.endpoint, choice.model, outcome, end - attempt.started))
+
+    async def _cancel_all(self, running: list[_Running], keep: _Running | None = None) -> None:
+        """Cancel attempts still running (a hedge's loser, or all on shutdown) and
+        wait; close the streams of attempts that reached their first token but lost."""
+        for r in running:
+            if not r.task.done():
+                r.task.cancel()
+        for r in running:
+            if not r.task.done():
+                with contextlib.suppress(asyncio.CancelledError, UpstreamFailure):
+                    await r.task
+            if r is keep or r.task.cancelled() or r.task.exception() is not None:
+                continue
+            answer = r.task.result()
+            if isinstance(answer, Streaming) and not answer.ended:
+                self.end_stream(answer, cancelled=True)
+                await answer.opened.rest.aclose()
+
     def _explain(self, job: Job, model: str, work: Work) -> None:
         candidates = self.router.explain(model, work=work, now=self._clock())
         log.debug(
@@ -433,14 +514,3 @@ def _wake(waiter: asyncio.Future[None]) -> None:
 def _wake_all(waiters: _Waiters) -> None:
     for waiter in waiters:
         _wake(waiter)
-
-
-async def _cancel_all(running: list[_Running]) -> None:
-    """Cancel attempts still running (a hedge's loser, or all on shutdown) and wait."""
-    for r in running:
-        if not r.task.done():
-            r.task.cancel()
-    for r in running:
-        if not r.task.done():
-            with contextlib.suppress(asyncio.CancelledError, UpstreamFailure):
-                await r.task

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import httpx
 
 from schemas.contract import JobKind
 from workers.errors import UpstreamFailure
 from workers.providers.base import Adapter, Call, UpstreamReply
+from workers.providers.chunks import ChunkReader
 from workers.routing import FailureKind
 from workers.upstream import MAX_RESPONSE_BYTES, request_headers, too_large
+from workers.upstream_streams import Opened, PieceStream, finite, is_event_stream, read_first
 
 __all__ = ["HttpxUpstream"]
 
@@ -75,5 +78,84 @@ class HttpxUpstream:
             kind, response.status_code, response.headers, response.content, now=time.time()
         )
 
+    async def open_stream(
+        self,
+        adapter: Adapter,
+        kind: JobKind,
+        call: Call,
+        *,
+        timeout_s: float,
+        traceparent: str | None = None,
+    ) -> Opened:
+        name = adapter.name
+        timeout = httpx.Timeout(None, connect=min(timeout_s, 10.0))
+        request = self._client.build_request(
+            "POST",
+            call.url,
+            content=call.body,
+            headers=request_headers(call, traceparent),
+            timeout=timeout,
+        )
+        response: httpx.Response | None = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                response = await self._client.send(request, stream=True)
+                if response.status_code == 200 and is_event_stream(
+                    response.headers.get("content-type")
+                ):
+                    stream = PieceStream(
+                        name,
+                        ChunkReader(name, adapter.secrets),
+                        _pieces(name, response),
+                        _closer(response),
+                    )
+                    return Opened(await read_first(stream), stream)
+                raw = await response.aread()
+                await response.aclose()
+        except (TimeoutError, httpx.TimeoutException):
+            await _drop(response)
+            raise UpstreamFailure(
+                FailureKind.TIMEOUT, f"{name}: no first token within {timeout_s:.3g} s"
+            ) from None
+        except httpx.ConnectError:
+            raise UpstreamFailure(FailureKind.REFUSED, f"{name}: cannot connect") from None
+        except httpx.HTTPError as exc:
+            await _drop(response)
+            raise UpstreamFailure(
+                FailureKind.SERVER_ERROR, f"{name}: {type(exc).__name__}"
+            ) from None
+        except BaseException:
+            await _drop(response)
+            raise
+        if len(raw) > self._max_bytes:
+            raise too_large(name, self._max_bytes)
+        return finite(adapter, kind, response.status_code, response.headers, raw)
+
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _pieces(name: str, response: httpx.Response) -> Callable[[], Awaitable[bytes]]:
+    pieces = response.aiter_bytes()  # decoded: an upstream may compress its stream
+
+    async def piece() -> bytes:
+        try:
+            return await anext(pieces, b"")
+        except httpx.HTTPError as exc:
+            raise UpstreamFailure(
+                FailureKind.SERVER_ERROR, f"{name}: stream broke off ({type(exc).__name__})"
+            ) from None
+
+    return piece
+
+
+def _closer(response: httpx.Response) -> Callable[[bool], Awaitable[None]]:
+    async def close(ended: bool) -> None:
+        await response.aclose()
+
+    return close
+
+
+async def _drop(response: httpx.Response | None) -> None:
+    if response is not None:
+        await response.aclose()

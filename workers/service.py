@@ -15,6 +15,7 @@ import os
 import random
 import socket
 import time
+import uuid
 from dataclasses import replace
 from typing import Any
 
@@ -22,20 +23,25 @@ from aio_pika.abc import AbstractQueue, AbstractRobustConnection
 
 from schemas.broker.connection import connect
 from schemas.broker.publisher import Publisher
-from schemas.codec import Job, encode_reply
+from schemas.codec import Job, encode_reply, error_body
 from schemas.contract import JobKind, SlaClass
 from schemas.errors import ErrorCode
 from schemas.settings import ConfigError, Settings
+from schemas.stream import encode_part
 from schemas.topology import plan
-from workers.attempts import Dispatcher, Failed, Served
+from workers.attempts import Dispatcher, Failed, Served, Streaming
+from workers.coalescer import CoalescePolicy
 from workers.deliveries import Deliveries, WorkerStats
 from workers.events import ObservedRetryBudget
 from workers.gossip import Gossip
 from workers.intake import Intake, admission
 from workers.outcome import Outcome, Route, RoutingRecord, failure
 from workers.preflight import preflight
-from workers.providers import adapter_for
+from workers.providers import UpstreamReply, adapter_for
+from workers.providers.chunks import usage_counts
+from workers.relay import StreamRelay
 from workers.routing import EndpointSpec, Router, RoutingConfig
+from workers.routing.spend import Hold
 from workers.spend_gate import SpendGate
 from workers.spend_store import SpendStore
 from workers.telemetry import Telemetry
@@ -154,6 +160,14 @@ class Worker:
         self._consume_conn: AbstractRobustConnection | None = None
         self._publish_conn: AbstractRobustConnection | None = None
         self._dispatcher: Dispatcher | None = None
+        self._relay = StreamRelay(
+            lambda: self.deliveries.publisher,
+            CoalescePolicy(
+                max_delay_s=settings.worker.stream_flush_ms / 1000,
+                max_tokens=settings.worker.stream_flush_tokens,
+            ),
+            gap_s=settings.worker.stream_gap_s,
+        )
         self._stopping = False
 
     def __repr__(self) -> str:
@@ -289,6 +303,8 @@ class Worker:
             deadline = time.monotonic() + (job.deadline_ms - now_ms) / 1000
             hedge = self._hedge.get(job.sla_class, False)
             result = await self._dispatcher.run(job, model, deadline=deadline, hedge=hedge)
+            if isinstance(result, Served) and isinstance(result.reply, Streaming):
+                return await self._stream(job, result, result.reply, hold, queue_ms, deadline)
             total_ms = round((time.time() * 1000) - job.published_ms, 3)
             if isinstance(result, Failed):
                 self.spend.failed(hold, job, result)  # attempts billed but not answered
@@ -308,10 +324,82 @@ class Worker:
         finally:
             self.spend.release(hold)
 
-    def _answer(
-        self, job: Job, served: Served, queue_ms: float, total_ms: float, cost: float | None
+    async def _stream(
+        self,
+        job: Job,
+        served: Served,
+        streaming: Streaming,
+        hold: Hold,
+        queue_ms: float,
+        deadline: float,
     ) -> Outcome:
-        record = RoutingRecord(
+        """Relay a stream past its first token; its last part is the outcome's reply."""
+        assert self._dispatcher is not None
+        relayed = None
+        try:
+            relayed = await self._relay.relay(
+                job, streaming.opened, run=uuid.uuid4().hex, deadline=deadline
+            )
+        finally:
+            if relayed is None:  # cancelled (shutdown) or a bug: no sample
+                self._dispatcher.end_stream(streaming, cancelled=True)
+        failure = relayed.failure
+        prompt, completion, cached = usage_counts(relayed.usage)
+        if completion is None:
+            completion = relayed.tokens  # no usage from the upstream: count chunks
+        if relayed.gone is not None:
+            self._dispatcher.end_stream(streaming, cancelled=True)
+        elif failure is not None:
+            self._dispatcher.end_stream(streaming, failure=failure.kind)
+        else:
+            self._dispatcher.end_stream(streaming, output_tokens=completion)
+        # Billed whatever became of it: the upstream produced these tokens.
+        served = replace(served, reply=UpstreamReply({}, prompt, completion, cached))
+        cost = self.spend.after(hold, job, served)
+        total_ms = round((time.time() * 1000) - job.published_ms, 3)
+        record = self._record(served, queue_ms, total_ms, cost)
+        usage = relayed.usage
+        if failure is None and relayed.gone is None:
+            body = encode_part(
+                job.job_id,
+                relayed.run,
+                relayed.seq,
+                relayed.tail,
+                last=True,
+                finish_reason=relayed.finish_reason,
+                usage=usage,
+                routing=record.wire(),
+            )
+            return Outcome(
+                job.job_id,
+                body,
+                attempts=served.attempts,
+                job=job,
+                routing=record,
+                reply_to=job.reply_to,
+            )
+        why = relayed.gone or f"the stream broke off after {relayed.seq} part(s): {failure}"
+        code = ErrorCode.STREAM_INTERRUPTED
+        body = encode_part(
+            job.job_id,
+            relayed.run,
+            relayed.seq,
+            relayed.tail,
+            last=True,
+            usage=usage,
+            routing=record.wire(),
+            error=error_body(code, why),
+        )
+        return Outcome(
+            job.job_id, body, code, why, served.attempts, job, record, reply_to=job.reply_to
+        )
+
+    def _record(
+        self, served: Served, queue_ms: float, total_ms: float, cost: float | None
+    ) -> RoutingRecord:
+        reply = served.reply
+        assert isinstance(reply, UpstreamReply)
+        return RoutingRecord(
             queue_ms,
             served.model,
             served.endpoint,
@@ -319,11 +407,17 @@ class Worker:
             served.hedged,
             upstream_ms=round(served.upstream_ms, 3),
             total_ms=total_ms,
-            prompt_tokens=served.reply.prompt_tokens,
-            completion_tokens=served.reply.completion_tokens,
+            prompt_tokens=reply.prompt_tokens,
+            completion_tokens=reply.completion_tokens,
             cost_usd=cost,
             via=served.via,
         )
+
+    def _answer(
+        self, job: Job, served: Served, queue_ms: float, total_ms: float, cost: float | None
+    ) -> Outcome:
+        record = self._record(served, queue_ms, total_ms, cost)
+        assert isinstance(served.reply, UpstreamReply)
         body = encode_reply(job.job_id, response=served.reply.body, routing=record.wire())
         return Outcome(
             job.job_id,

@@ -26,6 +26,7 @@ from workers.attempts import Abandoned, Failed, Served
 from workers.events import Event, Spent
 from workers.price_catalogue import bundled
 from workers.prices import PriceBook, Rates
+from workers.providers import UpstreamReply
 from workers.routing.pricing import estimate_usd, prompt_tokens_bound
 from workers.routing.spend import Hold
 from workers.spend_limits import SpendLimits
@@ -59,6 +60,7 @@ class SpendGate:
     def after(self, hold: Hold, job: Job, served: Served) -> float | None:
         """Charge what the answer cost (None when the upstream reported no usage)."""
         reply = served.reply
+        assert isinstance(reply, UpstreamReply), "a stream is charged once it has ended"
         usage_in, usage_out = reply.prompt_tokens, reply.completion_tokens
         cost = None
         if usage_in is not None and usage_out is not None:

@@ -17,9 +17,10 @@ bounds the read and turns every library exception into an
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
 import aiohttp
@@ -28,8 +29,16 @@ from schemas.contract import JobKind
 from schemas.settings import ConfigError
 from workers.errors import UpstreamFailure
 from workers.providers.base import Adapter, Call, UpstreamReply
+from workers.providers.chunks import ChunkReader
 from workers.providers.openai import retry_after_s
 from workers.routing import FailureKind
+from workers.upstream_streams import (
+    Opened,
+    PieceStream,
+    finite,
+    is_event_stream,
+    read_first,
+)
 
 __all__ = [
     "HTTPX_EXTRA",
@@ -61,6 +70,19 @@ class Upstream(Protocol):
         traceparent: str | None = None,
     ) -> UpstreamReply:
         """POST ``call`` and return ``adapter.answer(...)`` of what came back."""
+        ...
+
+    async def open_stream(
+        self,
+        adapter: Adapter,
+        kind: JobKind,
+        call: Call,
+        *,
+        timeout_s: float,
+        traceparent: str | None = None,
+    ) -> Opened:
+        """POST a streamed ``call``; return once its first token is in, within
+        ``timeout_s`` (:mod:`workers.upstream_streams`)."""
         ...
 
     async def aclose(self) -> None: ...
@@ -136,8 +158,85 @@ class AiohttpUpstream:
         # Read outside the try: the adapter's own errors are UpstreamFailures already.
         return adapter.answer(kind, response.status, response.headers, raw, now=time.time())
 
+    async def open_stream(
+        self,
+        adapter: Adapter,
+        kind: JobKind,
+        call: Call,
+        *,
+        timeout_s: float,
+        traceparent: str | None = None,
+    ) -> Opened:
+        name = adapter.name
+        # No total: the stream outlives the first token; each read is bounded instead.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(timeout_s, 10.0))
+        response: aiohttp.ClientResponse | None = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                response = await self._session.post(
+                    call.url,
+                    data=call.body,
+                    headers=request_headers(call, traceparent),
+                    timeout=timeout,
+                )
+                if response.status == 200 and is_event_stream(response.content_type):
+                    stream = PieceStream(
+                        name,
+                        ChunkReader(name, adapter.secrets),
+                        _pieces(name, response),
+                        _closer(response),
+                    )
+                    return Opened(await read_first(stream), stream)
+                raw = await _read_bounded(name, response, self._max_bytes)
+        except TimeoutError:
+            _drop(response)
+            raise UpstreamFailure(
+                FailureKind.TIMEOUT, f"{name}: no first token within {timeout_s:.3g} s"
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamFailure(
+                FailureKind.REFUSED, f"{name}: cannot connect ({exc.os_error.strerror})"
+            ) from None
+        except (aiohttp.ClientError, ValueError) as exc:
+            _drop(response)
+            raise UpstreamFailure(
+                FailureKind.SERVER_ERROR, f"{name}: {type(exc).__name__}"
+            ) from None
+        except BaseException:
+            _drop(response)
+            raise
+        response.release()
+        return finite(adapter, kind, response.status, response.headers, raw)
+
     async def aclose(self) -> None:
         await self._session.close()
+
+
+def _pieces(name: str, response: aiohttp.ClientResponse) -> Callable[[], Awaitable[bytes]]:
+    async def piece() -> bytes:
+        try:
+            return await response.content.readany()
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            raise UpstreamFailure(
+                FailureKind.SERVER_ERROR, f"{name}: stream broke off ({type(exc).__name__})"
+            ) from None
+
+    return piece
+
+
+def _closer(response: aiohttp.ClientResponse) -> Callable[[bool], Awaitable[None]]:
+    async def close(ended: bool) -> None:
+        if ended:
+            response.release()  # read to its end: the connection goes back to the pool
+        else:
+            response.close()  # mid-answer: drop it, so the upstream stops generating
+
+    return close
+
+
+def _drop(response: aiohttp.ClientResponse | None) -> None:
+    if response is not None:
+        response.close()
 
 
 def make_upstream(transport: str) -> Upstream:

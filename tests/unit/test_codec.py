@@ -460,8 +460,10 @@ def test_body_not_a_json_object(raw: bytes, fragment: str) -> None:
         ({"max_completion_tokens": -1}, "max_completion_tokens"),
         ({"temperature": 2.5}, "temperature"),
         ({"temperature": "0.5"}, "temperature"),
-        ({"stream": True}, "stream"),
         ({"stream": 0}, "stream"),
+        ({"stream": "true"}, "stream"),
+        ({"stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
+        ({"stream_options": "yes"}, "stream_options"),
         ({"model": ""}, "model"),
         ({"model": 5}, "model"),
     ],
@@ -640,3 +642,10 @@ def test_token_arrays_count_four_characters_a_token() -> None:
         delivery(body=embedding_body(input=[[1, 2, 3], [4]]), headers={HEADERS.KIND: "embedding"})
     )
     assert d.prompt_chars == 16
+
+
+def test_a_streamed_chat_job_is_a_job_that_says_so() -> None:
+    job = decode(delivery(body=body(stream=True, stream_options={"include_usage": True})))
+    assert isinstance(job, Job) and job.stream is True
+    plain = decode(delivery(body=body(stream=False)))
+    assert isinstance(plain, Job) and plain.stream is False

@@ -40,6 +40,7 @@ DOCUMENTED_CODES = {
     "over_capacity",
     "over_budget",
     "internal_error",
+    "stream_interrupted",
 }
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -108,8 +109,9 @@ def test_chat_request_model_optional() -> None:
         {"temperature": -0.1},
         {"temperature": 2.01},
         {"temperature": "1"},
-        {"stream": True},
         {"stream": 0},
+        {"stream": 1},
+        {"stream_options": {"include_usage": "yes"}},
         {"stream": "false"},
         {"model": ""},
         {"model": "m" * 257},
@@ -129,9 +131,9 @@ def test_chat_request_missing_messages() -> None:
         ChatRequest.model_validate({"model": "m"})
 
 
-@pytest.mark.parametrize("stream", [False, None])
-def test_stream_false_or_absent(stream: bool | None) -> None:
-    """``stream: false`` and ``stream: null`` are accepted."""
+@pytest.mark.parametrize("stream", [True, False, None])
+def test_stream_true_false_or_absent(stream: bool | None) -> None:
+    """``stream`` is a JSON boolean or null (``true`` asks for a streamed answer)."""
     assert ChatRequest.model_validate({"messages": MESSAGES, "stream": stream}).stream is stream
 
 
@@ -220,6 +222,7 @@ def test_retriable_codes() -> None:
         "upstream_error",
         "no_healthy_endpoint",
         "over_capacity",
+        "stream_interrupted",
     }
 
 

@@ -120,6 +120,7 @@ class AnthropicAdapter:
         root = endpoint.base_url.rstrip("/").removesuffix("/v1")
         self.url = with_query(f"{root}/v1/messages", endpoint.query)
         self.secrets = endpoint_secrets(endpoint)
+        self.streams = False
         # Lower-cased, so an endpoint's "Anthropic-Version" replaces ours, not joins it.
         headers = {
             "content-type": "application/json",

@@ -46,6 +46,7 @@ class AzureAdapter:
         assert endpoint.api_version is not None  # the settings require it for azure
         self.name = endpoint.name
         self.secrets = endpoint_secrets(endpoint)
+        self.streams = True
         auth = {}
         if endpoint.api_key is not None:
             auth["api-key"] = endpoint.api_key.get_secret_value()

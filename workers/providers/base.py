@@ -51,6 +51,9 @@ class Adapter(Protocol):
     """The endpoint's name, for messages."""
     secrets: tuple[str, ...]
     """Values to scrub from any text that leaves the adapter (keys, tokens)."""
+    streams: bool
+    """Whether the endpoint answers ``stream: true`` with OpenAI's chunk stream;
+    a streamed job sent elsewhere is called whole and cut into chunks."""
 
     def call(self, kind: JobKind, request: Mapping[str, Any], upstream_model: str) -> Call:
         """The HTTP call for a job's request body, with ``model`` set to the

@@ -51,6 +51,7 @@ class OpenAIAdapter:
     def __init__(self, endpoint: EndpointSettings) -> None:
         self.name = endpoint.name
         self.secrets = endpoint_secrets(endpoint)
+        self.streams = True
         auth = {}
         if endpoint.api_key is not None:
             auth["Authorization"] = f"Bearer {endpoint.api_key.get_secret_value()}"

@@ -50,6 +50,11 @@ class Work:
     """A batch-class job: it takes an endpoint slot only while interactive work
     leaves headroom, and its retries and hedges leave part of the retry budget
     to interactive jobs (see ``EndpointState.blocked`` and ``RetryBudget``)."""
+    stream: bool = False
+    """A streamed job: an attempt succeeds at its first token, so its timeout
+    and hedge delay are read at zero output tokens (time to first token, the
+    fitted shape's base); picks still weigh the whole answer (first token plus
+    the output at the endpoint's token rate, the shape's slope)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -390,6 +390,8 @@ class Router:
         """How long one attempt may take (see :func:`timeouts.attempt_timeout`)."""
         state = self._state(endpoint)
         cap = work.prompt_tokens if work.by_input else work.output_tokens
+        if work.stream:
+            cap = 0
         return timeouts.attempt_timeout(
             state.latency,
             self.config,
@@ -403,9 +405,8 @@ class Router:
         state = self._state(endpoint)
         if model is None and len(state.spec.models) == 1:
             model = next(iter(state.spec.models))
-        return timeouts.hedge_delay(
-            state.latency, self.config, tokens=self.workload.tokens(model, work)
-        )
+        tokens = 0.0 if work.stream else self.workload.tokens(model, work)
+        return timeouts.hedge_delay(state.latency, self.config, tokens=tokens)
 
     # --- status --------------------------------------------------------------------
 

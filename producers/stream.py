@@ -1,0 +1,187 @@
+"""``ChatStream``: one streamed chat completion, read part by part.
+
+Made by :meth:`LlmqClient.stream`. Each stream has a reply queue of its own,
+exclusive to the client's connection: closing the stream deletes it, and the
+worker's next publish to it comes back unroutable, which is how a caller who
+stops listening cancels the upstream call (within one coalescing interval).
+The queue dies with the connection too; the worker then ends the job as
+``stream_interrupted`` and dead-letters it.
+
+The parts' rules (:mod:`schemas.stream`) are checked here: parts of one run
+come in order; a part out of order means one was lost; a new run after chunks
+were yielded means the job was served again from the start (a worker died),
+and the two answers cannot be spliced. Both end the stream with
+:class:`~producers.errors.StreamInterrupted`. Errors before the first chunk
+raise as :meth:`LlmqClient.complete` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+
+from producers.errors import DeadlineExceeded, PublishFailed, StreamInterrupted, error_for
+from schemas.codec import error_body
+from schemas.errors import ErrorCode
+from schemas.stream import Part, chunks_of_completion, decode_part, is_part
+
+__all__ = ["ChatStream"]
+
+_GRACE_S = 5.0
+
+
+class ChatStream:
+    """An async iterator of ``chat.completion.chunk`` objects; use with ``async with``.
+
+    After the last chunk: :attr:`finish_reason`, :attr:`usage` and
+    :attr:`routing` (as in a reply) are set.
+    """
+
+    def __init__(
+        self,
+        channel: Callable[[], AbstractChannel],
+        queue_name: str,
+        submit: Callable[[str], Awaitable[str]],
+        *,
+        wait_s: float,
+    ) -> None:
+        self._channel = channel
+        self.queue_name = queue_name
+        self._submit = submit
+        self._wait_s = wait_s
+        self._inbox: asyncio.Queue[bytes] = asyncio.Queue()
+        self._queue: AbstractQueue | None = None
+        self._tag: str | None = None
+        self._started = False
+        self._closed = False
+        self.job_id: str | None = None
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.routing: dict[str, Any] = {}
+
+    async def __aenter__(self) -> ChatStream:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Open the stream's queue and publish the job (once the broker confirmed it)."""
+        if self._started:
+            return
+        self._started = True
+        channel = self._channel()
+        # Exclusive (legal on 4.3, unlike a transient shared one) and the
+        # stream's alone: deleting it is the cancel.
+        self._queue = await channel.declare_queue(self.queue_name, exclusive=True)
+        self._tag = await self._queue.consume(self._on_message, no_ack=True)
+        try:
+            self.job_id = await self._submit(self.queue_name)
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._inbox.put_nowait(message.body)
+
+    async def aclose(self) -> None:
+        """Stop the stream: the queue goes, and with it the worker's upstream call."""
+        if self._closed:
+            return
+        self._closed = True
+        queue, tag = self._queue, self._tag
+        if queue is None:
+            return
+        with contextlib.suppress(Exception):
+            if tag is not None:
+                await queue.cancel(tag)
+            await queue.delete(if_unused=False, if_empty=False)
+
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[dict[str, Any]]:
+        await self.start()
+        try:
+            async for chunk in self._read():
+                yield chunk
+        finally:
+            await self.aclose()
+
+    async def _read(self) -> AsyncIterator[dict[str, Any]]:
+        deadline = time.monotonic() + self._wait_s
+        run: str | None = None
+        expected = 0
+        yielded = False
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                body = await asyncio.wait_for(self._inbox.get(), max(left, 0.0))
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"the stream stalled: nothing within {self._wait_s:.1f} s",
+                    job_id=self.job_id,
+                    reply={},
+                ) from None
+            data = _decode(body)
+            if not is_part(data):
+                # An ordinary reply: a failure before the first chunk, or an
+                # answer from a worker that does not stream.
+                if data.get("status") != "ok":
+                    if yielded:
+                        raise self._interrupted("the job failed after it began", data)
+                    raise error_for(data)
+                if yielded:
+                    continue  # an old whole answer after a new stream began: ignore it
+                self.routing = data.get("routing") or {}
+                for chunk in chunks_of_completion(data.get("response") or {}):
+                    yield chunk
+                return
+            try:
+                part = decode_part(data)
+            except ValueError as exc:
+                raise PublishFailed(f"malformed stream part: {exc}") from None
+            if part.run != run:
+                if yielded:
+                    raise self._interrupted("the job was served again from the start", data)
+                run, expected = part.run, 0
+            if part.seq < expected:
+                continue  # a duplicate
+            if part.seq > expected:
+                raise self._interrupted(f"part {expected} of the stream was lost", data)
+            expected += 1
+            for chunk in part.chunks:
+                yielded = True
+                yield chunk
+            if part.last:
+                self._finish(part, data)
+                return
+
+    def _finish(self, part: Part, data: dict[str, Any]) -> None:
+        self.finish_reason = part.finish_reason
+        self.usage = part.usage
+        self.routing = part.routing or {}
+        if part.status != "ok":
+            raise error_for({**data, "status": "error"})
+
+    def _interrupted(self, why: str, data: dict[str, Any]) -> StreamInterrupted:
+        reply = {"job_id": self.job_id, "status": "error", "routing": data.get("routing") or {}}
+        reply["error"] = error_body(ErrorCode.STREAM_INTERRUPTED, why)
+        return StreamInterrupted(why, job_id=self.job_id, reply=reply)
+
+
+def _decode(body: bytes) -> dict[str, Any]:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise PublishFailed(f"malformed stream message: {exc}") from None
+    if not isinstance(data, dict):
+        raise PublishFailed("malformed stream message: not an object")
+    return data
