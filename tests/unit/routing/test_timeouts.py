@@ -72,3 +72,23 @@ def test_hedge_delay_is_the_p95_after_enough_samples(make: Make) -> None:
         h.serve("a", 3.0, tokens=200, gap_s=0.001)
     delay = h.router.hedge_delay("a", work=Work(10, 200), model="m")
     assert delay is not None and delay > 2.0
+
+
+def test_a_streamed_attempt_is_timed_and_hedged_on_its_first_token(make: Make) -> None:
+    """A stream's attempt ends at its first token: the shape at zero output tokens
+    (the fitted base), not the whole answer the output cap allows."""
+    h = make(["a"], config=RoutingConfig(hedge_min_samples=20))
+    stream = Work(10, 1000, stream=True)
+    # No history: the default for no output, 10 s, not the 1000-token default.
+    assert h.router.attempt_timeout("a", work=stream, remaining_s=3600.0) == pytest.approx(10.0)
+    for n in (100, 300) * 15:
+        h.serve("a", 0.5 + 0.01 * n, tokens=n, gap_s=0.001)
+    whole = h.router.attempt_timeout("a", work=Work(10, 1000), remaining_s=3600.0)
+    first = h.router.attempt_timeout("a", work=stream, remaining_s=3600.0)
+    assert first == pytest.approx(1.0, rel=0.2)  # 2 × ~0.5 s base
+    assert whole > 10 * first
+    hedge_whole = h.router.hedge_delay("a", work=Work(10, 1000))
+    hedge_first = h.router.hedge_delay("a", work=stream)
+    assert hedge_whole is not None and hedge_first is not None
+    assert 0.5 <= hedge_first <= 1.0  # the base (0.5 s) times the p95 surprise
+    assert hedge_whole > 4 * hedge_first
