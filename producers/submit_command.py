@@ -24,6 +24,7 @@ from producers.submit import (
     read_jobs,
     run_submit,
 )
+from producers.submit_stream import run_stream
 from schemas.contract import SlaClass
 from schemas.settings import ConfigError, Settings, load_settings
 
@@ -101,6 +102,11 @@ def _print_summary(summary: SubmitSummary, console: Any, *, wait: bool) -> None:
 @click.option("--rate", type=click.FloatRange(min=0, min_open=True), help="At most R jobs/s.")
 @click.option("--wait", is_flag=True, help="Wait for the replies and write them out.")
 @click.option(
+    "--stream",
+    is_flag=True,
+    help="One chat job: print its tokens as they arrive (stdout), then how it ended (stderr).",
+)
+@click.option(
     "--out",
     "--output",
     "out",
@@ -129,6 +135,7 @@ def submit_command(
     sla_class: str | None,
     rate: float | None,
     wait: bool,
+    stream: bool,
     out: Path | None,
     reply_to: str | None,
     tenant: str | None,
@@ -137,6 +144,11 @@ def submit_command(
 ) -> None:
     """Submit one job (--model, --message), a JSONL file of jobs (--file), or an
     OpenAI batch file (--openai-batch FILE --output RESULTS).
+
+    \b
+    --stream: one job; its text is printed as it arrives, then a JSON line
+    {"job_id", "finish_reason", "usage", "endpoint", "model"} on stderr.
+    Exit status 1 on an error (code and message on stderr).
 
     \b
     --file / one job: one JSON line per job. With --wait its reply envelope;
@@ -210,6 +222,27 @@ def submit_command(
             batch_file, out, sla_class or SlaClass.BATCH.value, sla_ms, rate, tenant, id_prefix
         )
         sys.exit(run_batch_command(_settings(config), options, quiet=quiet))
+    if stream:
+        if file_ is not None or batch_file is not None or wait or reply_to or rate or out:
+            raise click.UsageError(
+                "--stream sends one job (--model, --message): no --file, --openai-batch,"
+                " --wait, --reply-to, --rate or --out"
+            )
+        _, one = _command_jobs(model, messages, prompt, system, max_tokens, temperature, None)
+        settings = _settings(config)
+        code = asyncio.run(
+            run_stream(
+                settings,
+                next(one)[1],
+                sla_class=sla_class or SlaClass.INTERACTIVE.value,
+                sla_ms=sla_ms,
+                tenant=tenant,
+                out=sys.stdout,
+                err=sys.stderr,
+                quiet=quiet,
+            )
+        )
+        sys.exit(code)
     if wait and reply_to:
         raise click.UsageError("--reply-to is for jobs sent without --wait")
     if not wait and not reply_to:

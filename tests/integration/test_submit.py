@@ -155,6 +155,23 @@ async def test_one_job_from_flags_prints_its_reply(make_env: Any) -> None:
     assert result.stderr == ""
 
 
+async def test_stream_prints_the_text_as_it_comes_and_how_it_ended(make_env: Any) -> None:
+    """--stream: the text on stdout, one JSON line on stderr; an error exits 1."""
+    async with make_env() as env, worker(env.settings):
+        result = await submit(
+            env, "--model", "m1", "--message", "hi", "--stream", "--max-tokens", "12"
+        )
+        unknown = await submit(env, "--model", "nope", "--message", "hi", "--stream")
+        refused = await submit(env, "--model", "m1", "--message", "hi", "--stream", "--wait")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip()
+    [end] = lines(result.stderr)
+    assert end["finish_reason"] in ("stop", "length") and end["endpoint"] == "a"
+    assert end["usage"]["completion_tokens"] >= 1
+    assert unknown.exit_code == 1 and "unknown_model" in unknown.stderr
+    assert refused.exit_code == 2 and "--stream sends one job" in refused.output
+
+
 async def test_error_replies_are_counted_by_code(make_env: Any) -> None:
     """An unknown model is an error reply, counted by its code, with the latency of each."""
     async with make_env() as env, worker(env.settings):
