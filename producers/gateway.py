@@ -43,9 +43,11 @@ from producers.gateway_core import (
     model_list,
     startup_problem,
 )
+from producers.gateway_events import StreamCall, stream_call
 from producers.gateway_keys import KeyRing, scoped_job_id
 from producers.gateway_metrics import GatewayMetrics
 from producers.gateway_server import ConnectionLimits, GatewaySite, raise_fd_limit
+from producers.gateway_stream import stream_completion
 from schemas import event_loop
 from schemas.broker_urls import node_of
 from schemas.contract import JobKind
@@ -260,16 +262,20 @@ def _bad_request(message: str) -> web.Response:
     return _respond(error_answer(400, ErrorCode.INVALID_REQUEST.value, message, retriable=False))
 
 
-async def _chat_completions(request: web.Request) -> web.Response:
+async def _chat_completions(request: web.Request) -> web.StreamResponse:
     return await _job(request, JobKind.CHAT)
 
 
-async def _embeddings(request: web.Request) -> web.Response:
+async def _embeddings(request: web.Request) -> web.StreamResponse:
     return await _job(request, JobKind.EMBEDDING)
 
 
-async def _job(request: web.Request, kind: JobKind) -> web.Response:
-    """One request, one job of ``kind``: the worker validates its body."""
+async def _job(request: web.Request, kind: JobKind) -> web.StreamResponse:
+    """One request, one job of ``kind``: the worker validates its body.
+
+    ``stream: true`` (chat only) is answered as server-sent events
+    (:mod:`producers.gateway_stream`); everything up to the publish is shared.
+    """
     state = request.app[_STATE]
     gw = state.settings.gateway
     if request.content_length is not None and request.content_length > gw.max_body_bytes:
@@ -284,7 +290,8 @@ async def _job(request: web.Request, kind: JobKind) -> web.Response:
         return await _body_too_slow(request, gw.body_timeout_s)
     caller = request[_CALLER]
     try:
-        body = check_body(orjson.loads(raw))
+        body = check_body(orjson.loads(raw), may_stream=kind is JobKind.CHAT)
+        streamed: StreamCall | None = stream_call(body) if body.get("stream") is True else None
         options = job_options(
             request.headers,
             default_sla_ms=gw.default_sla_ms,
@@ -304,6 +311,16 @@ async def _job(request: web.Request, kind: JobKind) -> web.Response:
         # Fail at once: the client would retry the publish for 30 s meanwhile.
         unreachable = PublishFailed("the broker is unreachable")
         return _respond(answer_for_error(unreachable, job_id, request_id=request_id))
+    if streamed is not None:
+        return await stream_completion(
+            request,
+            client,
+            streamed,
+            job_id=job_id,
+            request_id=request_id,
+            options=options,
+            sla_class=gw.sla_class,
+        )
     try:
         reply = await client.call(
             body,

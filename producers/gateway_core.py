@@ -187,16 +187,22 @@ def _traceparent(value: str | None) -> str | None:
     return value
 
 
-def check_body(body: object) -> dict[str, Any]:
+def check_body(body: object, *, may_stream: bool = True) -> dict[str, Any]:
     """The parsed request body as a job body; raises :class:`BadRequest`.
 
-    Only what the gateway must know is checked here (an object, no streaming);
-    the worker validates the rest, so one set of rules answers every producer.
+    Only what the gateway must know is checked here (an object; ``stream`` a
+    boolean, and only where ``may_stream``: chat, not embeddings); the worker
+    validates the rest, so one set of rules answers every producer.
     """
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
-    if body.get("stream") not in (None, False):
-        raise BadRequest("stream must be false or absent: llmq answers with one response")
+    stream = body.get("stream")
+    if stream is not None and stream is not False:
+        # Not truthiness: 1 == True, and "yes" is truthy, but OpenAI wants a boolean.
+        if stream is not True:
+            raise BadRequest("stream must be true, false or absent")
+        if not may_stream:
+            raise BadRequest("stream is not supported here: embeddings answer in one response")
     return body
 
 

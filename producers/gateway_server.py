@@ -23,6 +23,7 @@ import asyncio
 import logging
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,7 @@ from producers.gateway_core import error_answer
 from schemas.errors import ErrorCode
 from schemas.secrets import redact
 
-__all__ = ["AccessLog", "ConnectionLimits", "GatewaySite", "raise_fd_limit"]
+__all__ = ["AccessLog", "ConnectionLimits", "GatewaySite", "on_hangup", "raise_fd_limit"]
 
 log = logging.getLogger("llmq.gateway")
 access_log = logging.getLogger("llmq.gateway.access")
@@ -126,6 +127,7 @@ class _Handler(web.RequestHandler):
         self._header_timeout_s = header_timeout_s
         self._head_due: asyncio.TimerHandle | None = None
         self._heads_when_armed = 0
+        self._on_lost: list[Callable[[], None]] = []
         # Counted from creation, not from connection_made: asyncio may accept a
         # batch of connections before the first one's connection_made runs.
         doors.open += 1
@@ -141,6 +143,21 @@ class _Handler(web.RequestHandler):
             self._doors.open -= 1
         self._disarm()
         super().connection_lost(exc)
+        callbacks, self._on_lost = self._on_lost, []
+        for callback in callbacks:
+            callback()
+
+    def on_lost(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` when the connection closes (soon, if it has); returns the undo."""
+        if self.transport is None:
+            return self._loop.call_soon(callback).cancel
+        self._on_lost.append(callback)
+
+        def undo() -> None:
+            if callback in self._on_lost:
+                self._on_lost.remove(callback)
+
+        return undo
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -169,6 +186,24 @@ class _Handler(web.RequestHandler):
         if self._request_count == self._heads_when_armed and self.transport is not None:
             http_log.debug("closing a connection whose request head is overdue")
             self.force_close()
+
+
+def _nothing() -> None:
+    pass
+
+
+def on_hangup(request: web.BaseRequest, callback: Callable[[], None]) -> Callable[[], None]:
+    """Call ``callback`` once if the caller's connection closes; returns the undo.
+
+    aiohttp does not cancel a handler whose caller went away (it would only
+    notice at the next write), so a streamed answer, which may wait long for
+    its next token, asks to be told. Outside :class:`GatewaySite` (aiohttp's
+    own test server), it is never called.
+    """
+    protocol = request.protocol
+    if isinstance(protocol, _Handler):
+        return protocol.on_lost(callback)
+    return _nothing
 
 
 class GatewaySite(web.BaseSite):

@@ -304,10 +304,18 @@ def test_body_must_be_an_object(body: object) -> None:
         check_body(body)
 
 
-@pytest.mark.parametrize("stream", [True, 1, "yes"])
-def test_streaming_is_refused(stream: object) -> None:
+@pytest.mark.parametrize("stream", [1, 0, "yes", "true", [], {}])
+def test_stream_must_be_a_boolean(stream: object) -> None:
     with pytest.raises(BadRequest, match="stream"):
         check_body({"model": "m", "messages": [], "stream": stream})
+
+
+def test_streaming_is_for_chat_only() -> None:
+    body = {"model": "m", "messages": [], "stream": True}
+    assert check_body(body) is body
+    with pytest.raises(BadRequest, match="embeddings"):
+        check_body({"model": "m", "input": "x", "stream": True}, may_stream=False)
+    assert check_body({"model": "m", "input": "x", "stream": False}, may_stream=False)
 
 
 def test_body_passes_through_unchanged() -> None:
