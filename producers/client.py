@@ -278,6 +278,7 @@ class LlmqClient:
         sla_class: str = SlaClass.INTERACTIVE.value,
         tenant: str | None = None,
         job_id: str | None = None,
+        traceparent: str | None = None,
         **params: Any,
     ) -> ChatStream:
         """A streamed chat completion: ``async with client.stream(...) as s: async for
@@ -299,11 +300,13 @@ class LlmqClient:
                 sla_ms=sla_ms,
                 sla_class=sla_class,
                 tenant=tenant,
+                traceparent=traceparent,
             )
 
-        return ChatStream(
-            self._stream_channel, f"{self.reply_queue}.{job_id}", submit, wait_s=wait_s
-        )
+        # A queue per stream, never per job id: two streams may carry one id (a
+        # caller's retry), and each deletes its own queue when it ends.
+        queue = f"{self.reply_queue}.{uuid.uuid4().hex}"
+        return ChatStream(self._stream_channel, queue, submit, wait_s=wait_s)
 
     def _stream_channel(self) -> aio_pika.abc.AbstractChannel:
         assert self._channel is not None, "use LlmqClient as an async context manager"

@@ -90,6 +90,7 @@ async def _relay(
         sla_class=sla_class,
         tenant=options.tenant,
         job_id=job_id,
+        traceparent=options.traceparent,
         **call.params,
     )
     try:

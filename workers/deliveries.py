@@ -175,7 +175,8 @@ class Deliveries:
         finally:
             if self._inflight.get(key) is future:
                 del self._inflight[key]
-        if outcome.code is None:
+        if outcome.code is None and not job.stream:
+            # A stream's outcome is its last part only: a repeat runs again instead.
             self._remember(key, outcome.reply)
         future.set_result(outcome)
         return outcome

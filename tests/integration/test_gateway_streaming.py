@@ -262,11 +262,6 @@ async def test_a_caller_that_hangs_up_before_the_first_chunk_is_let_go_at_once(
             await until(lambda: worker.stats.by_code.get("stream_interrupted") == 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the worker answers a streamed job id it served recently with its last part"
-    " alone (seq N), which LlmqClient.stream reads as part 0 lost: stream_interrupted (502)",
-)
 async def test_the_same_request_id_again_streams_again(
     settings_for: Callable[..., Settings],
 ) -> None:
@@ -284,11 +279,6 @@ async def test_the_same_request_id_again_streams_again(
         assert events(raw)[-1] == b"[DONE]", raw[-300:]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LlmqClient.stream names a stream's queue after its job id: two streams of one"
-    " job id at once share it, and the first to end deletes it under the other",
-)
 async def test_two_streams_with_the_same_request_id_at_once_each_get_a_whole_answer(
     settings_for: Callable[..., Settings],
 ) -> None:
