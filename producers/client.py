@@ -46,6 +46,7 @@ __all__ = ["LlmqClient", "broker_user"]
 _REPUBLISH_WINDOW_S = 30.0
 _REPLY_GRACE_S = 5.0
 _REPLY_QUEUE_EXPIRES_MS = 300_000
+_CLOSE_STEP_S = 5.0
 
 ReplyQueueType = Literal["quorum", "classic"]
 
@@ -122,16 +123,23 @@ class LlmqClient:
         for future in self._waiting.values():
             future.cancel()
         self._waiting.clear()
+        # Each step bounded: while no node is reachable a robust channel's calls
+        # wait for a reconnect that may never come, and leaving must not hang.
+        # The reply queue left behind expires on its own (x-expires).
         if self._reply is not None and self._reply_tag is not None:
             # Cancel first: deleting a queue under its consumer makes the broker
             # cancel it, which aio-pika logs as a warning.
             with contextlib.suppress(Exception):
-                await self._reply.cancel(self._reply_tag)
+                async with asyncio.timeout(_CLOSE_STEP_S):
+                    await self._reply.cancel(self._reply_tag)
         if self._channel is not None and not self._channel.is_closed:
             with contextlib.suppress(Exception):
-                await self._channel.queue_delete(self.reply_queue)
+                async with asyncio.timeout(_CLOSE_STEP_S):
+                    await self._channel.queue_delete(self.reply_queue)
         if self._connection is not None:
-            await self._connection.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_CLOSE_STEP_S):
+                    await self._connection.close()
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         future = self._waiting.pop(message.correlation_id or "", None)

@@ -33,7 +33,7 @@ from schemas.stream import Part, chunks_of_completion, decode_part, is_part
 
 __all__ = ["ChatStream"]
 
-_GRACE_S = 5.0
+_CLOSE_S = 5.0
 
 
 class ChatStream:
@@ -100,9 +100,12 @@ class ChatStream:
         if queue is None:
             return
         with contextlib.suppress(Exception):
-            if tag is not None:
-                await queue.cancel(tag)
-            await queue.delete(if_unused=False, if_empty=False)
+            # Bounded: a node that stopped answering must not hold the caller
+            # (the queue is exclusive: it goes with the connection anyway).
+            async with asyncio.timeout(_CLOSE_S):
+                if tag is not None:
+                    await queue.cancel(tag)
+                await queue.delete(if_unused=False, if_empty=False)
 
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         return self._chunks()

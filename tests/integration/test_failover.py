@@ -271,3 +271,15 @@ async def test_a_node_that_accepts_and_says_nothing_does_not_hold_a_connect(
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_leaving_the_client_while_no_node_answers_does_not_hang(amqp_url: str) -> None:
+    """The node stops answering (its bytes held): ``async with LlmqClient`` still
+    ends, each cleanup step bounded, instead of waiting for answers that never come."""
+    async with two_nodes(amqp_url) as (a, b):
+        client = LlmqClient([a.url(amqp_url), b.url(amqp_url)])
+        await client.__aenter__()
+        a.hold()
+        b.hold()
+        async with asyncio.timeout(30):  # 3 steps of at most 5 s each, plus slack
+            await client.__aexit__(None, None, None)
