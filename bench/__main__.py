@@ -2,9 +2,9 @@
 
 Names: ceiling, overhead (ceiling and llmq side by side), concurrency, burst,
 routing, gateway, pick, fleet, worker_throughput, priority, fleet_limits,
-spend_cap, cluster. ``all`` runs overhead (which includes the ceiling, so the
+spend_cap, cluster, stream_peers. ``all`` runs overhead (which includes the ceiling, so the
 ratios come from one invocation), concurrency, burst, routing, gateway, pick,
-fleet, priority, fleet_limits, spend_cap and cluster, each in its own
+fleet, priority, fleet_limits, spend_cap, cluster and stream_peers, each in its own
 process (a failure or a pinned CPU in one does not affect the next), then
 prints the summary of headline figures against the issue's targets and
 writes bench/results/summary.json. ``summary`` rebuilds that from the
@@ -49,6 +49,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "fleet_limits": ("bench.fleet_limits", [], ["--quick"]),
     "spend_cap": ("bench.spend_cap", [], ["--quick"]),
     "cluster": ("bench.cluster", [], ["--quick"]),
+    "stream_peers": ("bench.stream_peers", [], ["--quick"]),
 }
 ALL = [
     "overhead",
@@ -62,8 +63,15 @@ ALL = [
     "fleet_limits",
     "spend_cap",
     "cluster",
+    "stream_peers",
 ]
-TIMEOUT_S = {"routing": 900, "burst": 600, "priority": 900, "fleet_limits": 600}
+TIMEOUT_S = {
+    "routing": 900,
+    "burst": 600,
+    "priority": 900,
+    "fleet_limits": 600,
+    "stream_peers": 900,
+}
 
 
 def available(module: str) -> bool:
