@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,55 +86,40 @@ class StreamRelay:
 
     async def relay(self, job: Job, opened: Opened, *, run: str, deadline: float) -> Relayed:
         """Relay ``opened`` to ``job.reply_to`` until it ends, fails or ``deadline``
-        (monotonic) passes; the upstream stream is closed on every path."""
+        (monotonic) passes; the upstream stream is closed on every path, and every
+        part is confirmed before this returns."""
         relayed = Relayed(run)
         wanted = _include_usage(job.body)
         coalescer: Coalescer[dict[str, Any]] = Coalescer(self.policy)
+        sender = _Sender(lambda chunks: self._send(job, relayed, chunks))
+        timer = _Timer(coalescer, sender, self._clock)
         try:
-            for batch in self._take(coalescer, relayed, opened.first, wanted):
-                await self._send(job, relayed, batch.chunks)
-            while relayed.gone is None:
-                now = self._clock()
-                if now >= deadline:
-                    raise UpstreamFailure(FailureKind.TIMEOUT, "the stream passed its deadline")
-                read = asyncio.ensure_future(opened.rest.next(min(self._gap_s, deadline - now)))
-                try:
-                    chunks = await self._read(read, coalescer, job, relayed)
-                finally:
-                    if not read.done():
-                        read.cancel()
-                        with contextlib.suppress(BaseException):
-                            await read
-                if not chunks:
-                    break
-                for batch in self._take(coalescer, relayed, chunks, wanted):
-                    await self._send(job, relayed, batch.chunks)
-        except UpstreamFailure as failure:
-            relayed.failure = failure
+            try:
+                chunks = opened.first
+                while True:
+                    for batch in self._take(coalescer, relayed, chunks, wanted):
+                        sender.put(batch.chunks)
+                    timer.arm()
+                    sender.check()
+                    now = self._clock()
+                    if relayed.gone is not None:
+                        break
+                    if now >= deadline:
+                        raise UpstreamFailure(FailureKind.TIMEOUT, "the stream passed its deadline")
+                    # Held chunks go on the timer meanwhile: the read is never interrupted.
+                    chunks = await opened.rest.next(min(self._gap_s, deadline - now))
+                    if not chunks:
+                        break
+            except UpstreamFailure as failure:
+                relayed.failure = failure
+            finally:
+                timer.cancel()
+                await opened.rest.aclose()
+            relayed.tail = list(coalescer.finish().chunks)
+            await sender.close()  # every part out before the last one goes
         finally:
-            await opened.rest.aclose()
-        relayed.tail = list(coalescer.finish().chunks)
+            await sender.abort()
         return relayed
-
-    async def _read(
-        self,
-        read: asyncio.Future[list[Chunk]],
-        coalescer: Coalescer[dict[str, Any]],
-        job: Job,
-        relayed: Relayed,
-    ) -> list[Chunk]:
-        """The next chunks; held chunks go when their time comes meanwhile."""
-        while True:
-            due = coalescer.deadline
-            wait = None if due is None else max(0.0, due - self._clock())
-            done, _ = await asyncio.wait({read}, timeout=wait)
-            if done:
-                return read.result()
-            batch = coalescer.due(self._clock())
-            if batch is not None and batch.chunks:
-                await self._send(job, relayed, batch.chunks)
-                if relayed.gone is not None:
-                    return []
 
     def _take(
         self,
@@ -188,3 +173,87 @@ class StreamRelay:
 def _include_usage(body: dict[str, Any]) -> bool:
     options = body.get("stream_options")
     return isinstance(options, dict) and options.get("include_usage") is True
+
+
+class _Sender:
+    """Publishes one stream's parts in order, one at a time, each confirmed,
+    without holding up the reading: chunks handed over while a confirm is
+    outstanding go together in the next part (a slow broker means fewer,
+    larger parts, not a stalled upstream read)."""
+
+    def __init__(self, publish: Callable[[list[dict[str, Any]]], Awaitable[None]]) -> None:
+        self._publish = publish
+        self._held: list[dict[str, Any]] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._task = asyncio.create_task(self._run())
+
+    def put(self, chunks: Sequence[dict[str, Any]]) -> None:
+        self._held += chunks
+        self._wake.set()
+
+    def check(self) -> None:
+        """Raise the sender's failure (the broker's), if it failed."""
+        if self._task.done() and not self._task.cancelled():
+            error = self._task.exception()
+            if error is not None:
+                raise error
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._held:
+                chunks, self._held = self._held, []
+                await self._publish(chunks)
+            if self._closing:
+                return
+
+    async def close(self) -> None:
+        """Publish what is held, then end; the broker's failure propagates."""
+        self._closing = True
+        self._wake.set()
+        await self._task
+
+    async def abort(self) -> None:
+        if not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+class _Timer:
+    """Lets a held batch go when its time comes, from a loop timer: the relay's
+    read of the upstream is never interrupted for it (no task per read)."""
+
+    def __init__(
+        self, coalescer: Coalescer[dict[str, Any]], sender: _Sender, clock: Callable[[], float]
+    ) -> None:
+        self._coalescer = coalescer
+        self._sender = sender
+        self._clock = clock
+        self._handle: asyncio.TimerHandle | None = None
+        self._at: float | None = None
+
+    def arm(self) -> None:
+        """Set the timer for the held batch's deadline, if it is not set for it yet."""
+        due = self._coalescer.deadline
+        if due == self._at:
+            return
+        self.cancel()
+        if due is not None:
+            self._at = due
+            delay = max(0.0, due - self._clock())
+            self._handle = asyncio.get_running_loop().call_later(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = self._at = None
+        batch = self._coalescer.due(self._clock())
+        if batch is not None and batch.chunks:
+            self._sender.put(batch.chunks)
+        self.arm()
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle = self._at = None
