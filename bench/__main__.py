@@ -2,9 +2,9 @@
 
 Names: ceiling, overhead (ceiling and llmq side by side), concurrency, burst,
 routing, gateway, pick, fleet, worker_throughput, priority, fleet_limits,
-spend_cap, cluster, stream_peers. ``all`` runs overhead (which includes the ceiling, so the
+spend_cap, cluster, stream_peers, stream_latency. ``all`` runs overhead (which includes the ceiling, so the
 ratios come from one invocation), concurrency, burst, routing, gateway, pick,
-fleet, priority, fleet_limits, spend_cap, cluster and stream_peers, each in its own
+fleet, priority, fleet_limits, spend_cap, cluster, stream_peers and stream_latency, each in its own
 process (a failure or a pinned CPU in one does not affect the next), then
 prints the summary of headline figures against the issue's targets and
 writes bench/results/summary.json. ``summary`` rebuilds that from the
@@ -50,6 +50,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "spend_cap": ("bench.spend_cap", [], ["--quick"]),
     "cluster": ("bench.cluster", [], ["--quick"]),
     "stream_peers": ("bench.stream_peers", [], ["--quick"]),
+    "stream_latency": ("bench.stream_latency", [], ["--quick"]),
 }
 ALL = [
     "overhead",
@@ -64,6 +65,7 @@ ALL = [
     "spend_cap",
     "cluster",
     "stream_peers",
+    "stream_latency",
 ]
 TIMEOUT_S = {
     "routing": 900,
@@ -345,6 +347,7 @@ def summary_rows() -> list[dict[str, Any]]:
     rows += _priority_rows()
     rows += _spend_cap_rows()
     rows += _cluster_rows()
+    rows += _stream_latency_rows()
     f = _load("fleet_ceiling")
     if f:
         srv = f.get("results", {}).get("server", {})
@@ -444,6 +447,68 @@ def _cluster_rows() -> list[dict[str, Any]]:
                     f"{added['p50_ms']:+.2f} / {added['p99_ms']:+.2f} ms",
                 )
             )
+    return rows
+
+
+def _stream_latency_rows() -> list[dict[str, Any]]:
+    """Issue #15: time to first token and per-token delay added by llmq's paths."""
+    s = _load("stream_latency")
+    if not s:
+        return []
+    paths, rate = s["paths"], s["rate_per_s"]
+    client = paths["client"]
+    rows = []
+    for name, p50_target, p99_target in (("client", 3.0, 10.0), ("gateway", None, None)):
+        p = paths[name]
+        if p50_target is not None and p99_target is not None:
+            rows.append(
+                _row(
+                    "stream",
+                    f"TTFT added via {name} at {rate:g}/s, p50 <= 3 ms",
+                    f"{p['added_ttft_p50_ms']:+.2f} ms",
+                    "<= 3 ms",
+                    p["added_ttft_p50_ms"] <= p50_target,
+                )
+            )
+            rows.append(
+                _row(
+                    "stream",
+                    f"TTFT added via {name} at {rate:g}/s, p99 <= 10 ms",
+                    f"{p['added_ttft_p99_ms']:+.2f} ms",
+                    "<= 10 ms",
+                    p["added_ttft_p99_ms"] <= p99_target,
+                )
+            )
+        else:
+            rows.append(
+                _row(
+                    "stream",
+                    f"TTFT added via {name} at {rate:g}/s, p50 / p99",
+                    f"{p['added_ttft_p50_ms']:+.2f} / {p['added_ttft_p99_ms']:+.2f} ms",
+                )
+            )
+    hop = paths["hop"]
+    rows.append(
+        _row(
+            "stream",
+            "the durable hop alone (floor), p50 / p99",
+            f"{hop['ttft_p50_ms']:.2f} / {hop['ttft_p99_ms']:.2f} ms",
+        )
+    )
+    rows.append(
+        _row(
+            "stream",
+            "delay added to a token after the first (client), p50 / p99",
+            f"{client['token_added_p50_ms']:.2f} / {client['token_added_p99_ms']:.2f} ms",
+        )
+    )
+    rows.append(
+        _row(
+            "stream",
+            "worker CPU per streamed job / per token",
+            f"{client['worker_cpu_ms_per_job']} ms / {client['worker_cpu_us_per_token']} µs",
+        )
+    )
     return rows
 
 

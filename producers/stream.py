@@ -61,6 +61,8 @@ class ChatStream:
         self._started = False
         self._closed = False
         self.job_id: str | None = None
+        self.messages = 0
+        """Broker messages received (parts, or a reply): chunks per message is the coalescing."""
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
         self.routing: dict[str, Any] = {}
@@ -89,6 +91,7 @@ class ChatStream:
             raise
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self.messages += 1
         self._inbox.put_nowait(message.body)
 
     async def aclose(self) -> None:
