@@ -32,7 +32,7 @@ from producers.errors import (
     Unroutable,
     error_for,
 )
-from producers.stream import ChatStream
+from producers.stream import ChatStream, StreamQueues
 from schemas.broker.connection import connect
 from schemas.broker.errors import BrokerFailure, Refused, Rejected, Returned
 from schemas.broker.errors import TooLarge as BrokerTooLarge
@@ -86,6 +86,7 @@ class LlmqClient:
         self._reply_tag: str | None = None
         self._reply_queue_type = reply_queue_type
         self.reply_queue = f"llmq.reply.{uuid.uuid4().hex}"
+        self.stream_queues = StreamQueues(self._stream_channel, self.reply_queue)
 
     @property
     def connected(self) -> bool:
@@ -123,6 +124,7 @@ class LlmqClient:
         for future in self._waiting.values():
             future.cancel()
         self._waiting.clear()
+        await self.stream_queues.close()
         # Each step bounded: while no node is reachable a robust channel's calls
         # wait for a reconnect that may never come, and leaving must not hang.
         # The reply queue left behind expires on its own (x-expires).
@@ -313,8 +315,7 @@ class LlmqClient:
 
         # A queue per stream, never per job id: two streams may carry one id (a
         # caller's retry), and each deletes its own queue when it ends.
-        queue = f"{self.reply_queue}.{uuid.uuid4().hex}"
-        return ChatStream(self._stream_channel, queue, submit, wait_s=wait_s)
+        return ChatStream(self.stream_queues, submit, wait_s=wait_s)
 
     def _stream_channel(self) -> aio_pika.abc.AbstractChannel:
         assert self._channel is not None, "use LlmqClient as an async context manager"

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aio_pika
+import aiormq
 import orjson
 import pytest
 from harness import running_fleet
@@ -163,3 +164,29 @@ async def test_leaving_a_stream_early_drops_the_upstream_call(
             assert stats["streams"] == 1
             # The fleet saw its caller hang up mid-stream: the upstream call was dropped.
             assert stats["dropped"] == 1 and stats["in_flight"] == 0
+
+
+async def test_stream_queues_are_ready_ahead_and_none_is_left_behind(
+    make_settings: Callable[..., Settings], connection: aio_pika.abc.AbstractConnection
+) -> None:
+    """The next streams' queues are declared while the first one runs (off the
+    time to first token); leaving the client deletes them all."""
+    async with running_fleet({"name": "a", "models": ["m1"], **PACED}) as fleet:
+        settings = make_settings(fleet)
+        async with worker_for(settings), client_for(settings) as client:
+            async with client.stream("m1", MESSAGES, max_tokens=5) as first:
+                _ = [c async for c in first]
+            for _ in range(100):
+                if len(client.stream_queues.ready) == 4:
+                    break
+                await asyncio.sleep(0.02)
+            spare = client.stream_queues.ready
+            assert len(spare) == 4
+            async with client.stream("m1", MESSAGES, max_tokens=5) as second:
+                _ = [c async for c in second]
+            assert second.queue_name in spare
+            used = [first.queue_name, second.queue_name]
+        for name in [*used, *spare]:
+            channel = await connection.channel()
+            with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+                await channel.declare_queue(name, passive=True)

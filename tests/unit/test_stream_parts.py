@@ -158,7 +158,7 @@ def test_a_stream_must_end_with_done_or_a_finish_reason() -> None:
 
 
 async def read(*messages: bytes) -> tuple[list[dict[str, Any]], ChatStream]:
-    stream = ChatStream(lambda: None, "q", _never, wait_s=1.0)  # type: ignore[arg-type, return-value]
+    stream = ChatStream(None, _never, wait_s=1.0)  # type: ignore[arg-type]
     stream._started = True
     for m in messages:
         stream._inbox.put_nowait(m)
@@ -231,7 +231,7 @@ async def test_a_whole_reply_streams_as_its_chunks() -> None:
 
 
 async def test_a_silent_stream_ends_with_a_deadline() -> None:
-    stream = ChatStream(lambda: None, "q", _never, wait_s=0.05)  # type: ignore[arg-type, return-value]
+    stream = ChatStream(None, _never, wait_s=0.05)  # type: ignore[arg-type]
     stream._started = True
     with pytest.raises(JobFailed) as failed:
         _ = [c async for c in stream._read()]
