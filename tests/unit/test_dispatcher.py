@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -12,11 +13,12 @@ import pytest
 from schemas.codec import Job
 from schemas.contract import JobKind
 from schemas.settings import EndpointSettings
-from workers.attempts import Dispatcher, Served
+from workers.attempts import Dispatcher, Served, Streaming
 from workers.errors import UpstreamFailure
 from workers.events import AttemptDone, Event, Hedged
 from workers.providers import Adapter, Call, UpstreamReply, adapter_for
 from workers.routing import EndpointSpec, FailureKind, RetryBudget, Router, Work
+from workers.upstream_streams import Opened
 
 REPLY = UpstreamReply({"choices": [{"message": {"content": "hi"}}]}, 5, 16)
 
@@ -159,3 +161,117 @@ async def test_slow_first_attempt_is_hedged_and_the_loser_cancelled() -> None:
     assert (result.attempts, result.hedged) == (2, True)
     assert upstream.cancelled == [slow]
     assert [e.endpoint for e in events if isinstance(e, Hedged)] == [fast]
+
+
+class FakeRest:
+    """The rest of an opened stream: records its close."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def next(self, timeout_s: float | None) -> list[Any]:
+        return []
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class StreamingUpstream(FakeUpstream):
+    """Opens streams after ``latency_s``, the first token included."""
+
+    def __init__(self, latency_s: list[float], fail: frozenset[int] = frozenset()) -> None:
+        super().__init__(latency_s, fail)
+        self.opened: list[FakeRest] = []
+
+    async def open_stream(
+        self,
+        adapter: Adapter,
+        kind: JobKind,
+        call: Call,
+        *,
+        timeout_s: float,
+        traceparent: str | None = None,
+    ) -> Opened:
+        await self.send(adapter, kind, call, timeout_s=timeout_s, traceparent=traceparent)
+        rest = FakeRest()
+        self.opened.append(rest)
+        return Opened([], rest)
+
+
+def streamed_job() -> Job:
+    return replace(job(), stream=True, sla_class="interactive")
+
+
+async def test_a_streamed_attempt_keeps_its_reservation_until_the_stream_ends() -> None:
+    """At the first token the attempt is served, but the endpoint's slot stays
+    taken until end_stream hands it back, once, with the whole answer's sample."""
+    upstream = StreamingUpstream([0.001])
+    events: list[Event] = []
+    d = dispatcher(upstream, events)
+    result = await d.run(streamed_job(), "m", deadline=time.monotonic() + 10, hedge=False)
+    assert isinstance(result, Served) and isinstance(result.reply, Streaming)
+    streaming = result.reply
+    status = {s.name: s for s in d.router.snapshot(now=time.monotonic())}
+    assert status[result.endpoint].in_flight == 1
+    assert not [e for e in events if isinstance(e, AttemptDone)]
+    d.end_stream(streaming, output_tokens=12)
+    d.end_stream(streaming, cancelled=True)  # a second end is a no-op
+    status = {s.name: s for s in d.router.snapshot(now=time.monotonic())}
+    assert status[result.endpoint].in_flight == 0
+    assert [e.outcome for e in events if isinstance(e, AttemptDone)] == ["ok"]
+
+
+@pytest.mark.parametrize(
+    ("how", "outcome"),
+    [({"failure": FailureKind.SERVER_ERROR}, "server_error"), ({"cancelled": True}, "cancelled")],
+)
+async def test_a_stream_that_ends_badly_hands_its_reservation_back(
+    how: dict[str, Any], outcome: str
+) -> None:
+    upstream = StreamingUpstream([0.001])
+    events: list[Event] = []
+    d = dispatcher(upstream, events)
+    result = await d.run(streamed_job(), "m", deadline=time.monotonic() + 10, hedge=False)
+    assert isinstance(result, Served) and isinstance(result.reply, Streaming)
+    d.end_stream(result.reply, **how)
+    status = {s.name: s for s in d.router.snapshot(now=time.monotonic())}
+    assert status[result.endpoint].in_flight == 0
+    assert [e.outcome for e in events if isinstance(e, AttemptDone)] == [outcome]
+
+
+async def test_a_streamed_failure_before_the_first_token_is_retried_elsewhere() -> None:
+    upstream = StreamingUpstream([0.001], fail=frozenset({0}))
+    events: list[Event] = []
+    d = dispatcher(upstream, events)
+    result = await d.run(streamed_job(), "m", deadline=time.monotonic() + 10, hedge=False)
+    assert isinstance(result, Served) and isinstance(result.reply, Streaming)
+    assert result.attempts == 2
+    assert [e.outcome for e in events if isinstance(e, AttemptDone)] == ["server_error"]
+
+
+async def test_a_hedge_loser_that_opened_its_stream_is_closed_and_released() -> None:
+    """Two attempts of one streamed job both reached their first token: the one
+    not kept has its stream closed and its reservation cancelled."""
+    upstream = StreamingUpstream([0.001])
+    events: list[Event] = []
+    d = dispatcher(upstream, events)
+    work = Work(prompt_tokens=1, output_tokens=16, stream=True)
+    running = [
+        d._start(
+            d.router.pick("m", work=work, now=time.monotonic(), rand=lambda: 0.5),
+            streamed_job(),
+            work,
+            time.monotonic() + 10,
+            [],
+        )
+        for _ in range(2)
+    ]  # type: ignore[arg-type]
+    await asyncio.gather(*(r.task for r in running))
+    await d._cancel_all(running, keep=running[0])
+    kept, lost = (r.task.result() for r in running)
+    assert isinstance(kept, Streaming) and isinstance(lost, Streaming)
+    assert lost.ended and not kept.ended
+    assert [rest.closed for rest in upstream.opened] == [False, True]
+    assert [e.outcome for e in events if isinstance(e, AttemptDone)] == ["cancelled"]
+    d.end_stream(kept, output_tokens=3)
+    assert sum(s.in_flight for s in d.router.snapshot(now=time.monotonic())) == 0
