@@ -17,6 +17,7 @@ import orjson
 import pytest
 from harness import FLEET_KEY, Caller, running_fleet, started
 
+from producers.client import LlmqClient
 from schemas.settings import Settings
 from workers.fleet import Fleet
 from workers.fleet.anthropic_wire import MAX_OUTPUT_TOKENS
@@ -216,3 +217,30 @@ async def test_the_key_never_reaches_replies_or_dead_letters(
     [dead] = caller.dead
     for text in (json.dumps(reply), dead.body.decode(), str(dead.headers), str(dead.properties)):
         assert FLEET_KEY not in text and FLEET_KEY[-8:] not in text
+
+
+async def test_a_streamed_job_on_anthropic_arrives_as_the_chunks_of_its_answer(
+    make_settings: Callable[..., Settings], connection: aio_pika.abc.AbstractConnection
+) -> None:
+    """Kind anthropic is called whole (no ``stream`` on the wire): the answer comes
+    as one part of chunks, then the last part with the usage, cost and routing."""
+    async with running_fleet(claude("anthropic-a")) as fleet:
+        settings = settings_for(make_settings, fleet)
+        async with (
+            started(settings, connection),
+            LlmqClient(
+                settings.broker.url.get_secret_value(), exchange=settings.topology.jobs_exchange
+            ) as client,
+        ):
+            async with client.stream(
+                "claude", [{"role": "user", "content": "hi"}], max_tokens=50
+            ) as s:
+                chunks = [c async for c in s]
+        [wire] = sent(fleet, "anthropic-a")
+    assert "stream" not in wire and "stream_options" not in wire
+    assert chunks[0]["object"] == "chat.completion.chunk"
+    assert chunks[0]["choices"][0]["delta"]["content"]
+    assert s.finish_reason in ("stop", "length")
+    assert s.usage is not None and s.usage["completion_tokens"] > 0
+    assert s.routing["cost_usd"] > 0 and s.routing["endpoint"] == "anthropic-a"
+    assert s.messages == 2  # the answer's part, then the last one
