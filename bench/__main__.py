@@ -72,7 +72,7 @@ TIMEOUT_S = {
     "burst": 600,
     "priority": 900,
     "fleet_limits": 600,
-    "stream_peers": 900,
+    "stream_peers": 1500,  # three systems, overloaded phases wait out their timeouts
 }
 
 
@@ -348,6 +348,7 @@ def summary_rows() -> list[dict[str, Any]]:
     rows += _spend_cap_rows()
     rows += _cluster_rows()
     rows += _stream_latency_rows()
+    rows += _stream_peers_rows()
     f = _load("fleet_ceiling")
     if f:
         srv = f.get("results", {}).get("server", {})
@@ -509,6 +510,59 @@ def _stream_latency_rows() -> list[dict[str, Any]]:
             f"{client['worker_cpu_ms_per_job']} ms / {client['worker_cpu_us_per_token']} µs",
         )
     )
+    return rows
+
+
+def _stream_peers_rows() -> list[dict[str, Any]]:
+    """Issue #15 item 6: llmq's gateway must beat LiteLLM Proxy on every figure.
+    Lower is better for added latency and CPU (gateway + worker against the proxy's
+    one process); for the highest rate sustained, not lower (the ladder has a top)."""
+    r = _load("stream_peers")
+    systems = (r or {}).get("systems", {})
+    peer = next((n for n in ("litellm-proxy", "litellm-tuned") if n in systems), None)
+    if r is None or "llmq-gateway" not in systems or peer is None:
+        return []
+    gw, lite = systems["llmq-gateway"], systems[peer]
+    rate = r["plan"]["rates"][0]
+    key = f"stream@{rate:g}"
+    rows = []
+    for q in ("p50", "p99"):
+        mine, theirs = (s["added"][key][f"ttft_{q}_ms"] for s in (gw, lite))
+        rows.append(
+            _row(
+                "stream_peers",
+                f"TTFT added {q} at {rate:g}/s, gateway vs {peer}",
+                f"{mine:+.1f} vs {theirs:+.1f} ms",
+                f"< {peer}",
+                mine < theirs,
+                f"{mine - theirs:+.1f} ms",
+            )
+        )
+    floor = r["plan"]["ladder"][0]
+    for mode in ("plain", "stream"):
+        mine, theirs = (s["max_sustained_per_s"][mode] or 0 for s in (gw, lite))
+        rows.append(
+            _row(
+                "stream_peers",
+                f"max sustained {mode} req/s (>= 99% ok), gateway vs {peer}",
+                " vs ".join(f"{v:g}" if v else f"<{floor:g}" for v in (mine, theirs)),
+                f">= {peer}",
+                mine >= theirs,
+            )
+        )
+    for mode in ("plain", "stream"):
+        k = f"{mode}@{rate:g}"
+        mine, theirs = (s["phases"][k]["cpu_ms_per_request"] for s in (gw, lite))
+        alone = gw["phases"][k]["cpu_ms_per_request_by_process"]["gateway"]
+        rows.append(
+            _row(
+                "stream_peers",
+                f"CPU ms/request {k}, gateway+worker (gateway alone) vs {peer}",
+                f"{mine:.2f} ({alone:.2f}) vs {theirs:.2f}",
+                f"< {peer}",
+                mine < theirs,
+            )
+        )
     return rows
 
 

@@ -39,6 +39,15 @@ class System:
     api_key: str
     pid: int | None = None
     """The process whose CPU (with its children's) is charged to the system."""
+    role: str = "proxy"
+    """What ``pid`` is, for the CPU broken down by process."""
+    also: tuple[tuple[str, int], ...] = ()
+    """Further processes charged to the system, by role: llmq's worker behind its
+    gateway. Their CPU counts in the system's, and is reported on its own too."""
+
+    def processes(self) -> dict[str, int]:
+        """Role -> pid of every process charged to the system."""
+        return ({self.role: self.pid} if self.pid else {}) | dict(self.also)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +179,11 @@ def added(row: dict[str, Any], ceiling: dict[str, Any]) -> dict[str, float]:
         for key in row
         if key.endswith("_ms") and key in ceiling
     }
+
+
+def cpu_by_process(system: System) -> dict[str, float]:
+    """CPU seconds so far of each process charged to the system, by role."""
+    return {role: tree_cpu_seconds(pid) for role, pid in system.processes().items()}
 
 
 def tree_cpu_seconds(pid: int) -> float:

@@ -1,8 +1,11 @@
-"""LiteLLM Proxy against calling the fleet directly, streamed and not (issue 15, item 6).
+"""llmq's gateway and LiteLLM Proxy against calling the fleet directly, streamed
+and not (issue 15, item 6).
 
 One fake endpoint (bench/scenarios/stream_peers.toml: 50 ms to the first
 token, then 32 tokens 5 ms apart) and, in front of it, each *system*: the
-endpoint itself (``direct``, the ceiling), LiteLLM Proxy (``litellm[proxy]``
+endpoint itself (``direct``, the ceiling), llmq's gateway (one ``llmq
+gateway`` and one ``llmq worker`` process on a private vhost,
+bench/gateway_system.py: the durable hop), LiteLLM Proxy (``litellm[proxy]``
 from the bench venv, one process as ``litellm --config`` starts it, an
 ``openai/`` deployment pointing at the fleet, a throwaway master key) and any
 system added with ``--system``. The same open-loop load (bench/open_loop.py)
@@ -10,11 +13,17 @@ runs against each, one system after the other:
 
 - at each of ``--rates`` (100 and 500 requests/s), not streamed and streamed:
   success rate, p50/p99 of the whole answer and of the time to the first
-  token, and those minus the direct call's (the *added* latency); CPU seconds
-  per request of the system's process (from /proc, children included);
+  token, and those minus the direct call's (the *added* latency); CPU
+  milliseconds per request of the system's processes (from /proc, children
+  included): for llmq the gateway's and the worker's together (the broker's
+  is not counted), each also on its own;
 - a ramp up ``--ladder`` per mode, stopping at the first step under 99 %
   success (a request succeeds when it gets a complete answer within
   ``--timeout``): the highest rate sustained.
+
+Then a side-by-side table (bench/stream_peers_report.py) and, for llmq
+against each LiteLLM configuration, every figure with whether llmq beats it
+(``versus`` in the JSON; the issue wants all of them).
 
 Nothing leaves 127.0.0.1: LiteLLM reads its bundled cost map and other
 tables (``LITELLM_LOCAL_*``), HTTP(S)_PROXY points at a closed loopback port
@@ -22,20 +31,21 @@ for anything that would try, and the proxy's sockets are checked for a
 non-loopback peer after its run (``external_peers`` in the result).
 
     python -m bench stream_peers [--quick]
-    python -m bench.stream_peers --system llmq=http://127.0.0.1:8080/v1,pid=1234,key_env=GW_KEY \\
+    python -m bench.stream_peers --system name=other,url=http://127.0.0.1:8080/v1,pid=1234,key_env=KEY \\
         --fleet-url http://127.0.0.1:18150/v1   # another system, on a fleet you started
 
 A system added with ``--system`` must serve model ``gpt-4.1-mini`` from the
 same fleet (hence ``--fleet-url``); from Python, pass a :data:`SystemFactory`
 to :func:`run`, which gets the fleet's URL and key and yields a System.
 
-``--litellm tuned`` (or ``both``) also runs LiteLLM with its per-chunk stream
+``--no-llmq`` leaves llmq out. ``--litellm tuned`` (or ``both``) also runs LiteLLM with its per-chunk stream
 logging off (``disable_streaming_logging``), the documented switch for its
-streaming CPU cost. ``--quick``: under 60 s, LiteLLM's start-up (~30 s of
-imports on this machine) overlapping the direct calls; 0.5 s per rate and a
-1.5 s timeout, so its figures are a smoke test only. A full run (10 s per
-rate, 5 s per ramp step, 10 s timeout) takes about 5 minutes per LiteLLM
-configuration.
+streaming CPU cost. ``--quick``: about 75 s, LiteLLM's start-up (~30 s of
+imports on this machine) overlapping the direct calls, llmq measured last;
+0.5 s per rate and a 1.5 s timeout, so its figures are a smoke test only. A
+full run (10 s per rate, 5 s per ramp step, 10 s timeout) takes about 5
+minutes per LiteLLM configuration and as long again for llmq (its overloaded
+phases wait out their timeouts and then for the system to go idle).
 """
 
 from __future__ import annotations
@@ -58,17 +68,20 @@ from typing import Any
 
 import aiohttp
 
+from bench import gateway_system
 from bench.gateway_overhead import free_port
 from bench.harness import REPO, fleet_with_pid, quick_results, save, stop_process
 from bench.open_loop import (
     System,
     added,
+    cpu_by_process,
     open_loop,
     remote_peers,
     request_body,
     summarize,
     tree_cpu_seconds,
 )
+from bench.stream_peers_report import print_table, versus
 
 MODEL = "gpt-4.1-mini"
 SCENARIO = REPO / "bench" / "scenarios" / "stream_peers.toml"
@@ -188,7 +201,7 @@ async def phase(
     plan: Plan,
 ) -> dict[str, Any]:
     """One rate for one system and mode, with its CPU per request."""
-    cpu0 = tree_cpu_seconds(system.pid) if system.pid else 0.0
+    cpu0 = cpu_by_process(system)
     own0 = time.process_time()
     samples, late_ms = await open_loop(
         http, system, request_body(MODEL, stream, MAX_TOKENS), stream, rate, seconds,
@@ -196,23 +209,25 @@ async def phase(
     )  # fmt: skip
     row = summarize(samples, stream) | {"rate": rate, "generator_late_ms": round(late_ms, 1)}
     row["generator_cpu_ms_per_request"] = round((time.process_time() - own0) * 1000 / len(samples), 3)  # fmt: skip
-    if system.pid:
-        used = tree_cpu_seconds(system.pid) - cpu0
-        row["cpu_ms_per_request"] = round(used * 1000 / len(samples), 3)
+    if cpu0:
+        per = {role: (s - cpu0[role]) * 1000 / len(samples) for role, s in cpu_by_process(system).items()}  # fmt: skip
+        row["cpu_ms_per_request"] = round(sum(per.values()), 3)  # all the system's processes
+        row["cpu_ms_per_request_by_process"] = {role: round(v, 3) for role, v in per.items()}
     await settle(system, plan.settle_max_s)
     return row
 
 
 async def settle(system: System, max_s: float) -> None:
-    """Wait until the system is idle (under 10 % of a core): requests the
+    """Wait until the system is idle (its processes together under 10 % of a
+    core): requests the
     client gave up on may still be running inside it and would be charged to
     the next phase."""
     t0 = time.perf_counter()
     await asyncio.sleep(0.3)
-    while system.pid and time.perf_counter() - t0 < max_s:
-        cpu0 = tree_cpu_seconds(system.pid)
+    while system.processes() and time.perf_counter() - t0 < max_s:
+        cpu0 = sum(cpu_by_process(system).values())
         await asyncio.sleep(0.25)
-        if tree_cpu_seconds(system.pid) - cpu0 < 0.025:
+        if sum(cpu_by_process(system).values()) - cpu0 < 0.025:
             return
 
 
@@ -237,8 +252,9 @@ async def measure_system(http: aiohttp.ClientSession, system: System, plan: Plan
             row = await phase(http, system, stream, rate, plan.seconds, plan)
             out["phases"][f"{mode}@{rate:g}"] = row
             print(f"  {system.name:<15}{mode:<7}{rate:>6g}/s  {_line(row)}", flush=True)
-    if system.pid:
-        out["external_peers"] = sorted(remote_peers(system.pid))
+    if system.processes():
+        out["cpu_counts"] = sorted(system.processes())
+        out["external_peers"] = sorted(set().union(*map(remote_peers, system.processes().values())))  # fmt: skip
     return out
 
 
@@ -281,13 +297,21 @@ def run(plan: Plan, factories: list[SystemFactory], fleet: tuple[str, str] | Non
         fleet_cpu0 = tree_cpu_seconds(fleet_pid) if fleet_pid else 0.0
         results = asyncio.run(measure(systems, plan))
         fleet_cpu = tree_cpu_seconds(fleet_pid) - fleet_cpu0 if fleet_pid else None
-    return {
+    out = {
         "scenario": SCENARIO.relative_to(REPO).as_posix(),
         "plan": asdict(plan),
         "litellm_version": _version("litellm"),
         "fleet_cpu_s": fleet_cpu,
         "systems": results,
     }
+    if gateway_system.NAME in results:
+        out["llmq_settings"] = gateway_system.SETTINGS
+        out["versus"] = {
+            f"{gateway_system.NAME} vs {peer}": versus(out, gateway_system.NAME, peer)
+            for peer in results
+            if peer.startswith("litellm")
+        }
+    return out
 
 
 def _version(dist: str) -> str | None:
@@ -326,6 +350,7 @@ def main(argv: list[str] | None = None) -> None:
         "--fleet-url", help="use a running fleet (base URL) instead of starting one"
     )
     parser.add_argument("--fleet-key-env", default="", help="variable holding that fleet's key")
+    parser.add_argument("--no-llmq", action="store_true", help="leave out llmq's gateway")
     parser.add_argument("--litellm", choices=("default", "tuned", "both", "none"), default="default",
                         help="which LiteLLM Proxy configuration(s) to run (default: as shipped)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -346,28 +371,15 @@ def main(argv: list[str] | None = None) -> None:
     elif args.litellm != "none":
         variants = {"default": [False], "tuned": [True], "both": [False, True]}[args.litellm]
         factories += [litellm_proxy(tuned) for tuned in variants]
+    if not args.no_llmq:
+        # After LiteLLM: with --quick, llmq is measured once LiteLLM's start-up
+        # (tens of seconds of imports on one of the two cores) is over.
+        factories.append(gateway_system.llmq_gateway)
     factories += [extra_system(s) for s in args.system]
     fleet = (args.fleet_url, os.environ.get(args.fleet_key_env, "")) if args.fleet_url else None
     result = run(plan, factories, fleet)
     print_table(result)
     print("saved", save("stream_peers", result))
-
-
-def print_table(result: dict[str, Any]) -> None:
-    print(f"\n{'system':<15}{'phase':<12}{'ok':>8}{'ttft +p50':>11}{'ttft +p99':>11}"
-          f"{'total +p50':>12}{'total +p99':>12}{'cpu ms/req':>12}")  # fmt: skip
-    for name, s in result["systems"].items():
-        for key, row in s["phases"].items():
-            a = s.get("added", {}).get(key, {})
-            print(f"{name:<15}{key:<12}{row['success']:>8.2%}"
-                  f"{a.get('ttft_p50_ms', ''):>11}{a.get('ttft_p99_ms', ''):>11}"
-                  f"{a.get('total_p50_ms', ''):>12}{a.get('total_p99_ms', ''):>12}"
-                  f"{row.get('cpu_ms_per_request', ''):>12}")  # fmt: skip
-        sustained = ", ".join(f"{m} {v if v is not None else '<' + str(result['plan']['ladder'][0])}/s"
-                              for m, v in s["max_sustained_per_s"].items())  # fmt: skip
-        print(f"{name:<15}max sustained (>= 99 % ok): {sustained}")
-    peers = {n: s.get("external_peers") for n, s in result["systems"].items() if s.get("external_peers")}  # fmt: skip
-    print("non-loopback peers:", peers or "none")
 
 
 if __name__ == "__main__":
