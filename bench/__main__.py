@@ -527,15 +527,17 @@ def _stream_peers_rows() -> list[dict[str, Any]]:
     key = f"stream@{rate:g}"
     rows = []
     for q in ("p50", "p99"):
-        mine, theirs = (s["added"][key][f"ttft_{q}_ms"] for s in (gw, lite))
+        # None: no streamed request succeeded, so there is no figure to compare.
+        mine, theirs = (s["added"][key].get(f"ttft_{q}_ms") for s in (gw, lite))
         rows.append(
             _row(
                 "stream_peers",
                 f"TTFT added {q} at {rate:g}/s, gateway vs {peer}",
-                f"{mine:+.1f} vs {theirs:+.1f} ms",
+                " vs ".join("none ok" if v is None else f"{v:+.1f}" for v in (mine, theirs))
+                + " ms",
                 f"< {peer}",
-                mine < theirs,
-                f"{mine - theirs:+.1f} ms",
+                mine < theirs if mine is not None and theirs is not None else None,
+                f"{mine - theirs:+.1f} ms" if mine is not None and theirs is not None else "",
             )
         )
     floor = r["plan"]["ladder"][0]
@@ -553,7 +555,7 @@ def _stream_peers_rows() -> list[dict[str, Any]]:
     for mode in ("plain", "stream"):
         k = f"{mode}@{rate:g}"
         mine, theirs = (s["phases"][k]["cpu_ms_per_request"] for s in (gw, lite))
-        alone = gw["phases"][k]["cpu_ms_per_request_by_process"]["gateway"]
+        alone = gw["phases"][k].get("cpu_ms_per_request_by_process", {}).get("gateway", 0.0)
         rows.append(
             _row(
                 "stream_peers",

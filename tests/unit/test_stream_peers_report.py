@@ -89,3 +89,15 @@ def test_llmq_config_names_the_fleet_key_variable_not_the_key(
     assert key is not None and key.get_secret_value() == "sk-fleet"
     assert settings.gateway.port == 5555
     assert settings.worker.concurrency == 1024
+
+
+def test_summary_rows_when_no_stream_of_the_peer_succeeded(monkeypatch: pytest.MonkeyPatch) -> None:
+    result = _result(3, 10)
+    for key in ("ttft_p50_ms", "ttft_p99_ms"):
+        del result["systems"]["litellm-proxy"]["added"]["stream@100"][key]
+    monkeypatch.setattr(
+        bench_main, "_load", lambda name: result if name == "stream_peers" else None
+    )
+    rows = bench_main._stream_peers_rows()
+    assert rows[0]["value"] == "+3.0 vs none ok ms"
+    assert rows[0]["met"] is None
