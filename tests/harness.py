@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import uuid
@@ -265,6 +266,53 @@ class Ledger:
             + sum(n - 1 for n in self.dead.values()),
             "lost": len(self.lost),
         }
+
+
+def record_reply(ledger: Ledger, data: dict[str, Any], correlation_id: str | None) -> None:
+    """A reply answers its job."""
+    ledger.reply(data["job_id"] or correlation_id, data)
+
+
+@asynccontextmanager
+async def collecting(
+    amqp_url: str,
+    settings: Settings,
+    ledger: Ledger,
+    record: Callable[[Ledger, dict[str, Any], str | None], None] = record_reply,
+) -> AsyncIterator[str]:
+    """A durable reply queue and the dead-letter queue, consumed into ``ledger``
+    over a robust connection (it must outlive broker restarts); ``record`` says
+    what a message on the reply queue means for the ledger."""
+    connection = await aio_pika.connect_robust(amqp_url)
+    channel = await connection.channel()
+    name = f"replies.{uuid.uuid4().hex[:8]}"
+    replies = await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
+    dead = await channel.get_queue(settings.topology.dead_queue, ensure=False)
+
+    async def on_reply(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        record(ledger, orjson.loads(message.body), message.correlation_id)
+        await message.ack()
+
+    async def on_dead(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        ledger.dead_letter(message.message_id or "")
+        await message.ack()
+
+    await replies.consume(on_reply)
+    await dead.consume(on_dead)
+    try:
+        yield name
+    finally:
+        await connection.close()
+
+
+async def stop_processes(*procs: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM what still runs, and wait for each to end."""
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        if proc is not None:
+            await asyncio.to_thread(proc.wait, 30)
 
 
 @asynccontextmanager

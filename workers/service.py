@@ -358,37 +358,19 @@ class Worker:
         cost = self.spend.after(hold, job, served)
         total_ms = round((time.time() * 1000) - job.published_ms, 3)
         record = self._record(served, queue_ms, total_ms, cost)
-        usage = relayed.usage
-        if failure is None and relayed.gone is None:
-            body = encode_part(
-                job.job_id,
-                relayed.run,
-                relayed.seq,
-                relayed.tail,
-                last=True,
-                finish_reason=relayed.finish_reason,
-                usage=usage,
-                routing=record.wire(),
-            )
-            return Outcome(
-                job.job_id,
-                body,
-                attempts=served.attempts,
-                job=job,
-                routing=record,
-                reply_to=job.reply_to,
-            )
-        why = relayed.gone or f"the stream broke off after {relayed.seq} part(s): {failure}"
-        code = ErrorCode.STREAM_INTERRUPTED
+        whole = failure is None and relayed.gone is None
+        code = None if whole else ErrorCode.STREAM_INTERRUPTED
+        why = "" if whole else (relayed.gone or f"broke off after {relayed.seq} part(s): {failure}")
         body = encode_part(
             job.job_id,
             relayed.run,
             relayed.seq,
             relayed.tail,
             last=True,
-            usage=usage,
+            finish_reason=relayed.finish_reason if whole else None,
+            usage=relayed.usage,
             routing=record.wire(),
-            error=error_body(code, why),
+            error=None if code is None else error_body(code, why),
         )
         return Outcome(
             job.job_id, body, code, why, served.attempts, job, record, reply_to=job.reply_to

@@ -16,7 +16,13 @@ from typing import Any
 import aio_pika
 import orjson
 import pytest
-from harness import Ledger, running_fleet, start_worker_process, write_worker_config
+from harness import (
+    Ledger,
+    collecting,
+    running_fleet,
+    start_worker_process,
+    write_worker_config,
+)
 
 from producers.client import LlmqClient
 from schemas.settings import Settings
@@ -26,33 +32,6 @@ from workers.service import Worker
 pytestmark = [pytest.mark.faults, pytest.mark.rabbitmq]
 
 BODY = {"model": "m1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
-
-
-@asynccontextmanager
-async def collecting(amqp_url: str, settings: Settings, ledger: Ledger) -> AsyncIterator[str]:
-    """A durable reply queue and the dead-letter queue, consumed into ``ledger``
-    over a robust connection (it must outlive broker restarts)."""
-    connection = await aio_pika.connect_robust(amqp_url)
-    channel = await connection.channel()
-    name = f"replies.{uuid.uuid4().hex[:8]}"
-    replies = await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
-    dead = await channel.get_queue(settings.topology.dead_queue, ensure=False)
-
-    async def on_reply(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        envelope = orjson.loads(message.body)
-        ledger.reply(envelope["job_id"] or message.correlation_id, envelope)
-        await message.ack()
-
-    async def on_dead(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        ledger.dead_letter(message.message_id or "")
-        await message.ack()
-
-    await replies.consume(on_reply)
-    await dead.consume(on_dead)
-    try:
-        yield name
-    finally:
-        await connection.close()
 
 
 async def publish(

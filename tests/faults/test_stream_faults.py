@@ -24,9 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
-import orjson
 import pytest
-from harness import Ledger, running_fleet, start_worker_process, write_worker_config
+from harness import (
+    Ledger,
+    collecting,
+    running_fleet,
+    start_worker_process,
+    stop_processes,
+    write_worker_config,
+)
 
 from producers.client import LlmqClient
 from producers.errors import StreamInterrupted
@@ -43,40 +49,19 @@ def streamed(max_tokens: int) -> dict[str, Any]:
     return {"model": "m1", "messages": MESSAGES, "max_tokens": max_tokens, "stream": True}
 
 
-@asynccontextmanager
-async def collecting(
-    amqp_url: str, settings: Settings, ledger: Ledger, runs: dict[str, set[str]]
-) -> AsyncIterator[str]:
-    """A shared reply queue and the dead-letter queue, consumed into ``ledger``:
-    a stream's last part (or a plain reply) answers its job; ``runs`` keeps the
-    runs seen per job."""
-    connection = await aio_pika.connect_robust(amqp_url)
-    channel = await connection.channel()
-    name = f"replies.{uuid.uuid4().hex[:8]}"
-    replies = await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
-    dead = await channel.get_queue(settings.topology.dead_queue, ensure=False)
+def streams_into(runs: dict[str, set[str]]) -> Callable[[Ledger, dict[str, Any], str | None], None]:
+    """A stream's last part (or a plain reply) answers its job; ``runs`` keeps
+    the runs seen per job."""
 
-    async def on_reply(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        data = orjson.loads(message.body)
-        job_id = data["job_id"] or message.correlation_id
+    def record(ledger: Ledger, data: dict[str, Any], correlation_id: str | None) -> None:
+        job_id = data["job_id"] or correlation_id
         if "seq" in data:
             runs.setdefault(job_id, set()).add(data["run"])
-            if data.get("last"):
-                ledger.reply(job_id, data)
-        else:
-            ledger.reply(job_id, data)
-        await message.ack()
+            if not data.get("last"):
+                return
+        ledger.reply(job_id, data)
 
-    async def on_dead(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        ledger.dead_letter(message.message_id or "")
-        await message.ack()
-
-    await replies.consume(on_reply)
-    await dead.consume(on_dead)
-    try:
-        yield name
-    finally:
-        await connection.close()
+    return record
 
 
 async def publish(
@@ -120,7 +105,10 @@ async def test_stream_upstream_fails_before_the_first_token(
     ) as fleet:
         settings = make_settings(fleet)
         runs: dict[str, set[str]] = {}
-        async with worker(settings), collecting(amqp_url, settings, ledger, runs) as to:
+        async with (
+            worker(settings),
+            collecting(amqp_url, settings, ledger, streams_into(runs)) as to,
+        ):
             await publish(amqp_url, settings, ledger, 200, to, max_tokens=20)
             await settle(ledger)
     ledger.check()
@@ -137,7 +125,10 @@ async def test_stream_upstream_breaks_off_after_the_first_token(
     ) as fleet:
         settings = make_settings(fleet)
         runs: dict[str, set[str]] = {}
-        async with worker(settings), collecting(amqp_url, settings, ledger, runs) as to:
+        async with (
+            worker(settings),
+            collecting(amqp_url, settings, ledger, streams_into(runs)) as to,
+        ):
             await publish(amqp_url, settings, ledger, 200, to, max_tokens=40)
             await settle(ledger)
         cut = fleet.stats()["a"].cut
@@ -158,7 +149,7 @@ async def test_stream_caller_leaves_mid_stream(
         runs: dict[str, set[str]] = {}
         async with (
             worker(settings),
-            collecting(amqp_url, settings, ledger, runs),
+            collecting(amqp_url, settings, ledger, streams_into(runs)),
             LlmqClient(amqp_url, exchange=settings.topology.jobs_exchange) as client,
         ):
 
@@ -195,7 +186,7 @@ async def test_stream_worker_sigkill_mid_stream(
         runs: dict[str, set[str]] = {}
         survivor = None
         try:
-            async with collecting(amqp_url, settings, ledger, runs) as to:
+            async with collecting(amqp_url, settings, ledger, streams_into(runs)) as to:
                 await publish(amqp_url, settings, ledger, 100, to, max_tokens=150)
                 async with asyncio.timeout(30):
                     while len(runs) < 100:  # noqa: ASYNC110 - every stream has begun
@@ -204,11 +195,7 @@ async def test_stream_worker_sigkill_mid_stream(
                 victim.send_signal(signal.SIGKILL)
                 await settle(ledger)
         finally:
-            for proc in (victim, survivor):
-                if proc is not None and proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-                if proc is not None:
-                    await asyncio.to_thread(proc.wait, 30)
+            await stop_processes(victim, survivor)
     ledger.check()
     restarted = [j for j, r in runs.items() if len(r) > 1]
     assert all(rs[-1]["status"] == "ok" for rs in ledger.replies.values())
@@ -246,8 +233,4 @@ async def test_client_stream_sees_a_restart_after_chunks_as_interrupted(
                 with pytest.raises(StreamInterrupted, match="again"):
                     await read()
         finally:
-            for proc in (victim, survivor):
-                if proc is not None and proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-                if proc is not None:
-                    await asyncio.to_thread(proc.wait, 30)
+            await stop_processes(victim, survivor)
