@@ -34,7 +34,7 @@ DONE = b"data: [DONE]\n\n"
 # LlmqClient.stream's own keyword arguments: a body field of one of these names
 # cannot ride in its **params (a TypeError at best, and ``tenant`` must come from
 # the key, never from the body). OpenAI has no parameter of these names.
-RESERVED_PARAMS = frozenset({"self", "sla_ms", "sla_class", "tenant", "job_id"})
+RESERVED_PARAMS = frozenset({"self", "sla_ms", "sla_class", "tenant", "job_id", "traceparent"})
 
 
 @dataclass(frozen=True, slots=True)

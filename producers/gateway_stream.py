@@ -94,16 +94,17 @@ async def _relay(
         **call.params,
     )
     try:
-        chunks = aiter(stream)
+        # A message's chunks at a time: one write (one syscall) per part, not per token.
+        parts = aiter(stream.parts())
         try:
-            first = await anext(chunks, None)
+            first = await anext(parts, None)
         except LlmqError as exc:  # nothing sent yet: a status, as for any request
             return _json(answer_for_error(exc, job_id, request_id=request_id))
         response = web.StreamResponse(headers=stream_headers(job_id, request_id))
         await response.prepare(request)
         if first is not None:
-            await response.write(event(first))
-            failure = await _rest(response, chunks, job_id, request_id)
+            await response.write(b"".join(map(event, first)))
+            failure = await _rest(response, parts, job_id, request_id)
             if failure is not None:
                 await response.write(failure)
                 await response.write_eof()
@@ -118,14 +119,14 @@ async def _relay(
 
 async def _rest(
     response: web.StreamResponse,
-    chunks: AsyncIterator[dict[str, Any]],
+    parts: AsyncIterator[list[dict[str, Any]]],
     job_id: str,
     request_id: str,
 ) -> bytes | None:
-    """Relay the chunks after the first; the error event to end with, or None at a clean end."""
+    """Relay the parts after the first; the error event to end with, or None at a clean end."""
     while True:
         try:
-            chunk = await anext(chunks)
+            chunks = await anext(parts)
         except StopAsyncIteration:
             return None
         except LlmqError as exc:
@@ -135,7 +136,8 @@ async def _rest(
             return error_event(
                 error_answer(500, ErrorCode.INTERNAL_ERROR.value, "internal error", retriable=False)
             )
-        await response.write(event(chunk))  # raises ConnectionResetError once the caller left
+        # Raises ConnectionResetError once the caller left.
+        await response.write(b"".join(map(event, chunks)))
 
 
 def _json(answer: Answer) -> web.Response:

@@ -197,7 +197,8 @@ class ChatStream:
         finally:
             await self.aclose()
 
-    async def _read(self) -> AsyncIterator[dict[str, Any]]:
+    async def _read_parts(self) -> AsyncIterator[list[dict[str, Any]]]:
+        """The chunks of each message as they come (the rules of the module docstring)."""
         deadline = time.monotonic() + self._wait_s
         run: str | None = None
         expected = 0
@@ -223,8 +224,7 @@ class ChatStream:
                 if yielded:
                     continue  # an old whole answer after a new stream began: ignore it
                 self.routing = data.get("routing") or {}
-                for chunk in chunks_of_completion(data.get("response") or {}):
-                    yield chunk
+                yield chunks_of_completion(data.get("response") or {})
                 return
             try:
                 part = decode_part(data)
@@ -239,12 +239,26 @@ class ChatStream:
             if part.seq > expected:
                 raise self._interrupted(f"part {expected} of the stream was lost", data)
             expected += 1
-            for chunk in part.chunks:
+            if part.chunks:
                 yielded = True
-                yield chunk
+                yield part.chunks
             if part.last:
                 self._finish(part, data)
                 return
+
+    async def _read(self) -> AsyncIterator[dict[str, Any]]:
+        async for chunks in self._read_parts():
+            for chunk in chunks:
+                yield chunk
+
+    async def parts(self) -> AsyncIterator[list[dict[str, Any]]]:
+        """The chunks one broker message at a time (a relay writes each batch at once)."""
+        await self.start()
+        try:
+            async for chunks in self._read_parts():
+                yield chunks
+        finally:
+            await self.aclose()
 
     def _finish(self, part: Part, data: dict[str, Any]) -> None:
         self.finish_reason = part.finish_reason
