@@ -150,6 +150,16 @@ class EmbeddingRequest(BaseModel):
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = Field(default=None, ge=1, le=100_000)
+    stream: Literal[False] | None = None
+    """Embeddings do not stream; ``false`` passes, as OpenAI's API would take it."""
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _no_stream(cls, value: Any) -> Any:
+        # Literal[False] alone accepts 0 (0 == False), which would be forwarded.
+        if value is not None and value is not False:
+            raise ValueError("embeddings do not stream: false or absent")
+        return value
 
     @field_validator("input")
     @classmethod

@@ -287,6 +287,10 @@ class Worker:
             return failure(
                 job.job_id, ErrorCode.UNKNOWN_MODEL, why, RoutingRecord(queue_ms), job=job
             )
+        if job.stream and job.reply_to is None:
+            # Nobody to stream to (the job ends as a dead letter): serve it whole.
+            body = {k: v for k, v in job.body.items() if k not in ("stream", "stream_options")}
+            job = replace(job, stream=False, body=body)
         record = RoutingRecord(queue_ms, model)
         too_much = self.admission.limit(model, job.output_cap, job.n, job.kind)
         if too_much is not None:

@@ -190,3 +190,29 @@ async def test_stream_queues_are_ready_ahead_and_none_is_left_behind(
             channel = await connection.channel()
             with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
                 await channel.declare_queue(name, passive=True)
+
+
+async def test_a_streamed_job_without_a_reply_to_ends_as_a_dead_letter_not_a_crash(
+    make_settings: Callable[..., Settings], connection: aio_pika.abc.AbstractConnection
+) -> None:
+    async with running_fleet({"name": "a", "models": ["m1"], **PACED}) as fleet:
+        settings = make_settings(fleet)
+        async with worker_for(settings) as worker:
+            channel = await connection.channel()
+            dead = await channel.declare_queue(exclusive=True)
+            await dead.bind(settings.topology.dead_exchange, routing_key="#")
+            body = {"model": "m1", "messages": MESSAGES, "max_tokens": 5, "stream": True}
+            exchange = await channel.get_exchange(settings.topology.jobs_exchange)
+            await exchange.publish(
+                aio_pika.Message(orjson.dumps(body), message_id="no-reply-to"),
+                routing_key="interactive",
+            )
+            letter = None
+            for _ in range(100):
+                letter = await dead.get(fail=False)
+                if letter is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert letter is not None and letter.message_id == "no-reply-to"
+            assert letter.headers[DEAD_HEADERS.ERROR_CODE] == "invalid_request"
+            assert worker.stats.requeued == 0

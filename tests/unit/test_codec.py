@@ -649,3 +649,13 @@ def test_a_streamed_chat_job_is_a_job_that_says_so() -> None:
     assert isinstance(job, Job) and job.stream is True
     plain = decode(delivery(body=body(stream=False)))
     assert isinstance(plain, Job) and plain.stream is False
+
+
+def test_an_embedding_job_does_not_stream() -> None:
+    r = rejected(
+        delivery(
+            body=orjson.dumps({"model": "e", "input": "x", "stream": True}),
+            headers={HEADERS.KIND: "embedding"},
+        )
+    )
+    assert r.code is ErrorCode.INVALID_REQUEST and r.message.startswith("stream")
