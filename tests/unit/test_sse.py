@@ -212,6 +212,41 @@ def test_any_split_of_any_bytes_reads_the_same(raw: bytes, data: st.DataObject) 
     assert outcome(cuts) == outcome(None)
 
 
+_block = st.sampled_from(
+    [
+        *(b"data: a", b"data:b", b"data:  c", b"data", b"data: \xc3\xa9\xff", b"data: [DONE]"),
+        *(b": ping", b"event: x\ndata: y", b"id: 7\ndata: z", b"data: 1\ndata: 2"),
+        *(b"data: " + b"w" * 45, b"", b"\r", b"data: q\r\n"),
+    ]
+)
+
+
+@PROPERTY
+@given(blocks=st.lists(_block, max_size=12), data=st.data())
+def test_pieces_of_whole_events_read_as_byte_by_byte(
+    blocks: list[bytes], data: st.DataObject
+) -> None:
+    """Pieces cut at blank lines (the shortcut's case: whole ``data:`` events, and
+    everything it must leave to the full grammar) read as one byte at a time does."""
+    raw = b"".join(block + b"\n\n" for block in blocks)
+    ends = [i + 2 for i in range(len(raw)) if raw.startswith(b"\n\n", i)]
+    cuts = data.draw(st.lists(st.sampled_from(ends) if ends else st.just(0), max_size=8))
+    cuts += data.draw(st.lists(st.integers(0, len(raw)), max_size=2))
+
+    def outcome(splits: list[int]) -> tuple[list[Event], str | None, bool, bool]:
+        reader = SseReader(max_event_size=40)
+        bounds = [0, *sorted(splits), len(raw)]
+        events: list[Event] = []
+        try:
+            for a, b in itertools.pairwise(bounds):
+                events += reader.feed(raw[a:b])
+        except EventTooLarge as exc:
+            return [*events, *exc.events], str(exc), False, False
+        return events, None, reader.done, reader.pending
+
+    assert outcome(cuts) == outcome(list(range(len(raw))))
+
+
 def test_the_reader_loads_no_http_library() -> None:
     """Pure: importing it (and what it imports) loads neither aiohttp nor httpx."""
     code = (
