@@ -78,7 +78,15 @@ class _Pieces(Protocol):
 
 class PieceStream:
     """An :class:`UpstreamStream` over a function that returns the next bytes
-    (``b""`` at the end); the transport supplies it and the close."""
+    (``b""`` at the end); the transport supplies it and the close.
+
+    A read's ``timeout_s`` is kept by one loop timer per stream, not an
+    ``asyncio.timeout`` per read: the timer is moved only when a read is due
+    before it; when it fires early (for an earlier read), it is set again for
+    the read under way. Reads come every few milliseconds and the bound is
+    about a minute, so it is set about once a stream. On expiry it cancels the
+    reading task and takes the cancellation back, as ``asyncio.timeout`` does.
+    """
 
     def __init__(
         self,
@@ -92,30 +100,81 @@ class PieceStream:
         self._piece = piece
         self._close = close
         self._ended = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._armed = 0.0  # the loop time the timer is set for
+        self._due = 0.0  # the loop time the read under way times out
+        self._task: asyncio.Task[Any] | None = None  # reading now, under a bound
+        self._cancelling = 0  # its cancel requests when the read began
+        self._expired = False
 
     async def next(self, timeout_s: float | None) -> list[Chunk]:
         if self._ended:
             return []
+        task = None if timeout_s is None else self._watch(timeout_s)
         try:
-            async with asyncio.timeout(timeout_s):
-                while True:
-                    if self._reader.done:
-                        self._ended = True
-                        return []
-                    piece = await self._piece()
-                    if not piece:
-                        self._ended = True
-                        self._reader.end()
-                        return []
-                    chunks = self._reader.feed(piece)
-                    if chunks:
-                        return chunks
+            while True:
+                if self._reader.done:
+                    self._ended = True
+                    return []
+                piece = await self._piece()
+                if not piece:
+                    self._ended = True
+                    self._reader.end()
+                    return []
+                chunks = self._reader.feed(piece)
+                if chunks:
+                    return chunks
         except TimeoutError:
-            raise UpstreamFailure(
-                FailureKind.TIMEOUT, f"{self._name}: no chunk within {timeout_s or 0:.3g} s"
-            ) from None
+            raise self._timeout(timeout_s) from None
+        except asyncio.CancelledError:
+            if task is not None and self._expired:
+                self._expired = False
+                if task.uncancel() <= self._cancelling:  # no one else's cancel: ours
+                    raise self._timeout(timeout_s) from None
+            raise
+        finally:
+            if task is not None:
+                self._task = None
+                if self._expired:  # expired as the read ended: as asyncio.timeout does
+                    self._expired = False
+                    task.uncancel()
+
+    def _timeout(self, timeout_s: float | None) -> UpstreamFailure:
+        return UpstreamFailure(
+            FailureKind.TIMEOUT, f"{self._name}: no chunk within {timeout_s or 0:.3g} s"
+        )
+
+    def _watch(self, timeout_s: float) -> asyncio.Task[Any]:
+        """Bound the read about to begin; the task that reads."""
+        task = asyncio.current_task()
+        assert task is not None, "a stream is read in a task"
+        loop = task.get_loop()
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._due = due = loop.time() + timeout_s
+        if self._timer is None or due < self._armed:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._armed = due
+            self._timer = loop.call_at(due, self._fire)
+        return task
+
+    def _fire(self) -> None:
+        self._timer = None
+        task = self._task
+        if task is None:
+            return  # no read under way: the next one sets the timer
+        if self._due > self._armed:  # set for an earlier read: now for this one
+            self._armed = self._due
+            self._timer = task.get_loop().call_at(self._due, self._fire)
+            return
+        self._expired = True
+        task.cancel()
 
     async def aclose(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         await self._close(self._ended)
 
 
