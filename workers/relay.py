@@ -39,7 +39,7 @@ from schemas.broker.ports import Confirming
 from schemas.codec import Job
 from schemas.stream import encode_part
 from workers.amqp import reply_message
-from workers.coalescer import Batch, CoalescePolicy, Coalescer
+from workers.coalescer import CoalescePolicy, Coalescer
 from workers.errors import UpstreamFailure
 from workers.providers.chunks import Chunk
 from workers.routing import FailureKind
@@ -97,11 +97,10 @@ class StreamRelay:
             try:
                 chunks = opened.first
                 while True:
-                    for batch in self._take(coalescer, relayed, chunks, wanted):
-                        sender.put(batch.chunks)
+                    now = self._clock()
+                    self._take(coalescer, sender, relayed, chunks, wanted, now)
                     timer.arm()
                     sender.check()
-                    now = self._clock()
                     if relayed.gone is not None:
                         break
                     if now >= deadline:
@@ -121,16 +120,16 @@ class StreamRelay:
             await sender.abort()
         return relayed
 
+    @staticmethod
     def _take(
-        self,
         coalescer: Coalescer[dict[str, Any]],
+        sender: _Sender,
         relayed: Relayed,
         chunks: Sequence[Chunk],
         wanted: bool,
-    ) -> list[Batch[dict[str, Any]]]:
-        """Feed chunks to the coalescer; the batches it lets go now."""
-        batches = []
-        now = self._clock()
+        now: float,
+    ) -> None:
+        """Feed chunks arrived at ``now`` to the coalescer; what it lets go, to the sender."""
         for chunk in chunks:
             relayed.tokens += chunk.tokens
             if chunk.finish_reason is not None:
@@ -141,8 +140,7 @@ class StreamRelay:
                     continue  # asked for by the worker (for the bill), not by the caller
             batch = coalescer.add(chunk.body, now, tokens=chunk.tokens, size=chunk.size)
             if batch is not None and batch.chunks:
-                batches.append(batch)
-        return batches
+                sender.put(batch.chunks)
 
     async def _send(self, job: Job, relayed: Relayed, chunks: Sequence[dict[str, Any]]) -> None:
         if relayed.gone is not None:
