@@ -25,7 +25,7 @@ measured and the defaults chosen from it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Generic, TypeVar
 
@@ -70,6 +70,8 @@ class Batch(Generic[T]):
 
     chunks: tuple[T, ...]
     reason: FlushReason
+    size: int = field(default=0, compare=False)
+    """The chunks' sizes added up, as given to :meth:`Coalescer.add`."""
 
 
 class Coalescer(Generic[T]):
@@ -135,7 +137,7 @@ class Coalescer(Generic[T]):
         return self._flush(FlushReason.FINISH)
 
     def _flush(self, reason: FlushReason) -> Batch[T]:
-        batch = Batch(tuple(self._chunks), reason)
+        batch = Batch(tuple(self._chunks), reason, self._bytes)
         self._chunks.clear()
         self._tokens = self._bytes = 0
         self._since = None

@@ -28,6 +28,7 @@ the broker failed                      :class:`BrokerFailure` propagates: the
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -91,7 +92,7 @@ class StreamRelay:
         relayed = Relayed(run)
         wanted = _include_usage(job.body)
         coalescer: Coalescer[dict[str, Any]] = Coalescer(self.policy)
-        sender = _Sender(lambda chunks: self._send(job, relayed, chunks))
+        sender = _Sender(lambda chunks: self._send(job, relayed, chunks), self.policy.max_bytes)
         timer = _Timer(coalescer, sender, self._clock)
         try:
             try:
@@ -140,7 +141,7 @@ class StreamRelay:
                     continue  # asked for by the worker (for the bill), not by the caller
             batch = coalescer.add(chunk.body, now, tokens=chunk.tokens, size=chunk.size)
             if batch is not None and batch.chunks:
-                sender.put(batch.chunks)
+                sender.put(batch.chunks, batch.size)
 
     async def _send(self, job: Job, relayed: Relayed, chunks: Sequence[dict[str, Any]]) -> None:
         if relayed.gone is not None:
@@ -175,20 +176,35 @@ def _include_usage(body: dict[str, Any]) -> bool:
 
 class _Sender:
     """Publishes one stream's parts in order, one at a time, each confirmed,
-    without holding up the reading: chunks handed over while a confirm is
+    without holding up the reading: batches handed over while a confirm is
     outstanding go together in the next part (a slow broker means fewer,
-    larger parts, not a stalled upstream read)."""
+    larger parts, not a stalled upstream read), as many as fit in
+    ``max_bytes``: a part never outgrows the broker's message size however
+    long the broker stalls."""
 
-    def __init__(self, publish: Callable[[list[dict[str, Any]]], Awaitable[None]]) -> None:
+    def __init__(
+        self, publish: Callable[[list[dict[str, Any]]], Awaitable[None]], max_bytes: int
+    ) -> None:
         self._publish = publish
-        self._held: list[dict[str, Any]] = []
+        self._max_bytes = max_bytes
+        self._held: collections.deque[tuple[Sequence[dict[str, Any]], int]] = collections.deque()
         self._wake = asyncio.Event()
         self._closing = False
         self._task = asyncio.create_task(self._run())
 
-    def put(self, chunks: Sequence[dict[str, Any]]) -> None:
-        self._held += chunks
+    def put(self, chunks: Sequence[dict[str, Any]], size: int = 0) -> None:
+        self._held.append((chunks, size))
         self._wake.set()
+
+    def _next_part(self) -> list[dict[str, Any]]:
+        """The held batches at the front that fit in one part (at least one)."""
+        chunks, size = self._held.popleft()
+        part = list(chunks)
+        while self._held and size + self._held[0][1] <= self._max_bytes:
+            more, more_size = self._held.popleft()
+            part += more
+            size += more_size
+        return part
 
     def check(self) -> None:
         """Raise the sender's failure (the broker's), if it failed."""
@@ -202,8 +218,7 @@ class _Sender:
             await self._wake.wait()
             self._wake.clear()
             while self._held:
-                chunks, self._held = self._held, []
-                await self._publish(chunks)
+                await self._publish(self._next_part())
             if self._closing:
                 return
 
@@ -248,7 +263,7 @@ class _Timer:
         self._handle = self._at = None
         batch = self._coalescer.due(self._clock())
         if batch is not None and batch.chunks:
-            self._sender.put(batch.chunks)
+            self._sender.put(batch.chunks, batch.size)
         self.arm()
 
     def cancel(self) -> None:
