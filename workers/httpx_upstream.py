@@ -12,6 +12,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 import httpx
 
 from schemas.contract import JobKind
@@ -19,7 +20,7 @@ from workers.errors import UpstreamFailure
 from workers.providers.base import Adapter, Call, UpstreamReply
 from workers.providers.chunks import ChunkReader
 from workers.routing import FailureKind
-from workers.upstream import MAX_RESPONSE_BYTES, request_headers, too_large
+from workers.upstream import MAX_RESPONSE_BYTES, failure_of, request_headers, too_large
 from workers.upstream_streams import Opened, PieceStream, finite, is_event_stream, read_first
 
 __all__ = ["HttpxUpstream"]
@@ -62,16 +63,8 @@ class HttpxUpstream:
                     headers=request_headers(call, traceparent),
                     timeout=timeout,
                 )
-        except (TimeoutError, httpx.TimeoutException):
-            raise UpstreamFailure(
-                FailureKind.TIMEOUT, f"{name}: no answer within {timeout_s:.3g} s"
-            ) from None
-        except httpx.ConnectError:
-            raise UpstreamFailure(FailureKind.REFUSED, f"{name}: cannot connect") from None
-        except httpx.HTTPError as exc:
-            raise UpstreamFailure(
-                FailureKind.SERVER_ERROR, f"{name}: {type(exc).__name__}"
-            ) from None
+        except (TimeoutError, httpx.HTTPError, aiohttp.ClientError) as exc:
+            raise _failure(name, exc, f"no answer within {timeout_s:.3g} s") from None
         if len(response.content) > self._max_bytes:  # read whole first: httpx has no cap
             raise too_large(name, self._max_bytes)
         return adapter.answer(
@@ -112,21 +105,12 @@ class HttpxUpstream:
                     return Opened(await read_first(stream), stream)
                 raw = await response.aread()
                 await response.aclose()
-        except (TimeoutError, httpx.TimeoutException):
+        except BaseException as exc:
             await _drop(response)
-            raise UpstreamFailure(
-                FailureKind.TIMEOUT, f"{name}: no first token within {timeout_s:.3g} s"
-            ) from None
-        except httpx.ConnectError:
-            raise UpstreamFailure(FailureKind.REFUSED, f"{name}: cannot connect") from None
-        except httpx.HTTPError as exc:
-            await _drop(response)
-            raise UpstreamFailure(
-                FailureKind.SERVER_ERROR, f"{name}: {type(exc).__name__}"
-            ) from None
-        except BaseException:
-            await _drop(response)
-            raise
+            failure = _failure(name, exc, f"no first token within {timeout_s:.3g} s")
+            if failure is exc:
+                raise
+            raise failure from None
         if len(raw) > self._max_bytes:
             raise too_large(name, self._max_bytes)
         return finite(adapter, kind, response.status_code, response.headers, raw)
@@ -135,13 +119,36 @@ class HttpxUpstream:
         await self._client.aclose()
 
 
+def _failure(name: str, exc: BaseException, timed_out: str) -> BaseException:
+    """What the worker sees of ``exc``, raised calling endpoint ``name``: httpx's
+    errors as :class:`UpstreamFailure` (``timed_out`` says what did not come in
+    time), anything else as it is.
+
+    Under httpx-aiohttp the error may be aiohttp's: re-raised as it is when
+    httpx-aiohttp has no httpx name for it (a bad status line), or as the
+    cause of a mislabelled one (a refused connection or a reset arrive as
+    ``ConnectTimeout``); aiohttp's own error decides then, as in the default
+    transport."""
+    if isinstance(exc.__cause__, aiohttp.ClientError):
+        exc = exc.__cause__
+    if isinstance(exc, aiohttp.ClientError):
+        return failure_of(name, exc, timed_out)
+    if isinstance(exc, (TimeoutError, httpx.TimeoutException)):
+        return UpstreamFailure(FailureKind.TIMEOUT, f"{name}: {timed_out}")
+    if isinstance(exc, httpx.ConnectError):
+        return UpstreamFailure(FailureKind.REFUSED, f"{name}: cannot connect")
+    if isinstance(exc, httpx.HTTPError):
+        return UpstreamFailure(FailureKind.SERVER_ERROR, f"{name}: {type(exc).__name__}")
+    return exc
+
+
 def _pieces(name: str, response: httpx.Response) -> Callable[[], Awaitable[bytes]]:
     pieces = response.aiter_bytes()  # decoded: an upstream may compress its stream
 
     async def piece() -> bytes:
         try:
             return await anext(pieces, b"")
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, aiohttp.ClientError, ConnectionError) as exc:
             raise UpstreamFailure(
                 FailureKind.SERVER_ERROR, f"{name}: stream broke off ({type(exc).__name__})"
             ) from None

@@ -45,6 +45,7 @@ __all__ = [
     "AiohttpUpstream",
     "Upstream",
     "UpstreamReply",
+    "failure_of",
     "make_upstream",
     "request_headers",
     "require_transport",
@@ -143,18 +144,8 @@ class AiohttpUpstream:
                 timeout=timeout,
             ) as response:
                 raw = await _read_bounded(name, response, self._max_bytes)
-        except TimeoutError:
-            raise UpstreamFailure(
-                FailureKind.TIMEOUT, f"{name}: no answer within {timeout_s:.3g} s"
-            ) from None
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamFailure(
-                FailureKind.REFUSED, f"{name}: cannot connect ({exc.os_error.strerror})"
-            ) from None
-        except (aiohttp.ClientError, ValueError) as exc:
-            raise UpstreamFailure(
-                FailureKind.SERVER_ERROR, f"{name}: {type(exc).__name__}"
-            ) from None
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
+            raise failure_of(name, exc, f"no answer within {timeout_s:.3g} s") from None
         # Read outside the try: the adapter's own errors are UpstreamFailures already.
         return adapter.answer(kind, response.status, response.headers, raw, now=time.time())
 
@@ -188,28 +179,32 @@ class AiohttpUpstream:
                     )
                     return Opened(await read_first(stream), stream)
                 raw = await _read_bounded(name, response, self._max_bytes)
-        except TimeoutError:
+        except BaseException as exc:
             _drop(response)
-            raise UpstreamFailure(
-                FailureKind.TIMEOUT, f"{name}: no first token within {timeout_s:.3g} s"
-            ) from None
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamFailure(
-                FailureKind.REFUSED, f"{name}: cannot connect ({exc.os_error.strerror})"
-            ) from None
-        except (aiohttp.ClientError, ValueError) as exc:
-            _drop(response)
-            raise UpstreamFailure(
-                FailureKind.SERVER_ERROR, f"{name}: {type(exc).__name__}"
-            ) from None
-        except BaseException:
-            _drop(response)
-            raise
+            failure = failure_of(name, exc, f"no first token within {timeout_s:.3g} s")
+            if failure is exc:
+                raise
+            raise failure from None
         response.release()
         return finite(adapter, kind, response.status, response.headers, raw)
 
     async def aclose(self) -> None:
         await self._session.close()
+
+
+def failure_of(name: str, exc: BaseException, timed_out: str) -> BaseException:
+    """What the worker sees of ``exc``, raised calling endpoint ``name``: aiohttp's
+    errors as :class:`UpstreamFailure` (``timed_out`` says what did not come
+    in time), anything else as it is."""
+    if isinstance(exc, TimeoutError):
+        return UpstreamFailure(FailureKind.TIMEOUT, f"{name}: {timed_out}")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamFailure(
+            FailureKind.REFUSED, f"{name}: cannot connect ({exc.os_error.strerror})"
+        )
+    if isinstance(exc, (aiohttp.ClientError, ValueError)):
+        return UpstreamFailure(FailureKind.SERVER_ERROR, f"{name}: {type(exc).__name__}")
+    return exc
 
 
 def _pieces(name: str, response: aiohttp.ClientResponse) -> Callable[[], Awaitable[bytes]]:
