@@ -35,6 +35,7 @@ from yarl import URL
 
 from producers.gateway_core import error_answer
 from schemas.errors import ErrorCode
+from schemas.exposition import listening_port
 from schemas.secrets import redact
 
 __all__ = ["AccessLog", "ConnectionLimits", "GatewaySite", "on_hangup", "raise_fd_limit"]
@@ -265,8 +266,7 @@ class GatewaySite(web.BaseSite):
             connection, self._host, self._port, backlog=self._backlog, reuse_address=True
         )
         self._server = listening
-        if listening.sockets:
-            self._bound_port = int(listening.sockets[0].getsockname()[1])
+        self._bound_port = listening_port(listening)
 
 
 class AccessLog(AbstractAccessLogger):

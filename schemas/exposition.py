@@ -7,6 +7,9 @@ two workers in one test process do not share series.
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -15,13 +18,46 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.metrics import disable_created_metrics
 
-__all__ = ["MetricsServer", "new_registry"]
+__all__ = ["ListeningSite", "MetricsServer", "listening_port", "new_registry"]
 
 
 def new_registry() -> CollectorRegistry:
     """A private registry; ``*_created`` series are off (they double the output)."""
     disable_created_metrics()  # type: ignore[no-untyped-call]
     return CollectorRegistry()
+
+
+def listening_port(server: asyncio.Server) -> int:
+    """The port ``server`` listens on; closes it and raises ``OSError``
+    (EADDRINUSE) when it does not listen.
+
+    uvloop's ``create_server`` does not raise when ``listen()`` fails: it
+    returns a server whose socket is gone. That happens when two processes
+    start on one port at once (workers started together, each with the
+    default metrics port): both bind, since neither listens yet, and the
+    second ``listen()`` finds the port taken. aiohttp then failed on the
+    missing socket with an ``AttributeError``, which stopped a worker that
+    should only have gone without ``/metrics``.
+    """
+    sockets = list(server.sockets)
+    if not sockets or any(sock is None for sock in sockets):
+        server.close()
+        raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
+    return int(sockets[0].getsockname()[1])
+
+
+class ListeningSite(web.TCPSite):
+    """aiohttp's TCP site, failing with ``OSError`` whenever it does not listen
+    (:func:`listening_port`)."""
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with the runner
+        handler = self._runner.server
+        assert handler is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            handler, self._host, self._port, backlog=self._backlog, reuse_address=True
+        )
+        self._bound_port = listening_port(self._server)
 
 
 class MetricsServer:
@@ -59,14 +95,13 @@ class MetricsServer:
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the bound port (``port=0`` picks a free one). Raises OSError."""
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = ListeningSite(self._runner, host, port)
         try:
             await site.start()
         except OSError:
             await self._runner.cleanup()
             raise
-        addresses = self._runner.addresses
-        self.port = int(addresses[0][1]) if addresses else port
+        self.port = site.port
         return self.port
 
     async def stop(self) -> None:
