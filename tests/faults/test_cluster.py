@@ -146,23 +146,6 @@ async def await_full_quorum(cluster: Cluster, vhost: str, timeout: float = QUORU
             await asyncio.sleep(1)
 
 
-async def await_replicas(
-    cluster: Cluster, vhost: str, names: tuple[str, ...], timeout: float = 30.0
-) -> None:
-    """Queues ``names`` are quorum queues with three members, all online."""
-    members: dict[str, tuple[int, int]] = {}
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                with suppress(ClusterError, ValueError):
-                    members = await asyncio.to_thread(quorum_members, cluster, vhost)
-                    if all(members.get(q) == (3, 3) for q in names):
-                        return
-                await asyncio.sleep(0.5)
-    except TimeoutError:
-        raise AssertionError(f"not three replicas online after {timeout} s: {members}") from None
-
-
 async def restore(cluster: Cluster, vhost: str) -> None:
     """Whatever a case did to the nodes: all three up again, queues replicated."""
     for n in NODES:
@@ -403,10 +386,10 @@ async def cluster_load(
                         if await consumers(control, queue) >= workers:
                             break
                     await asyncio.sleep(0.2)
-            # The topology's quorum queues: three replicas, all online. A queue just
-            # declared may list a member as not online yet (a node restarted by the
-            # case before), so this waits for it, as an operator would.
-            await await_replicas(cluster, vhost, (queue, names["dead_queue"]))
+            # The topology's quorum queues: three replicas, all online.
+            members = await asyncio.to_thread(quorum_members, cluster, vhost)
+            for q in (queue, names["dead_queue"]):
+                assert members.get(q) == (3, 3), members
             ref: list[Load] = []
             reply_queue = await _collect(control, names["dead_queue"], ref)
             async with LlmqClient(
