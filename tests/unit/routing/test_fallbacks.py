@@ -205,6 +205,26 @@ def test_a_wholly_ejected_model_falls_back_before_panic(make: Make) -> None:
     assert (choice.endpoint, choice.via) == ("a", None)
 
 
+def test_panic_over_full_endpoints_waits_and_does_not_fall_back(make: Make) -> None:
+    """Most of m's endpoints ejected, the rest cooling down: panic routes over the
+    ejected ones, and when those are only full, m is at capacity: the job waits
+    for a slot instead of falling back to n."""
+    h = make(
+        [*(spec(name, ["m"], max_concurrency=1) for name in ("a1", "a2", "a3", "a4")),
+         spec("b", ["n"])],
+        models={"m": ModelSettings(fallbacks=["n"])},
+    )  # fmt: skip
+    for name in ("a1", "a2", "a3", "a4", "b"):
+        h.serve(name, 0.1)
+    for name in ("a1", "a2", "a3"):
+        h.failing(name, count=5)
+    h.failing("a4", FailureKind.RATE_LIMITED, retry_after_s=60.0, count=2)  # live, cooling
+    assert h.choose("m").endpoint in {"a1", "a2", "a3"}  # panic
+    for name in ("a1", "a2", "a3"):
+        h.begin(name)  # panic traffic fills each one's slot
+    waits(h.pick("m"), h)
+
+
 def test_a_share_of_zero_is_down_not_capacity(make: Make) -> None:
     """Two workers, one slot and one request a minute: the second worker's share
     is 0, which no completion or time frees, so its jobs fall back."""

@@ -52,6 +52,16 @@ def test_interactive_leaves_the_floor_to_a_waiting_batch() -> None:
     assert isinstance(r.pick("m", work=INTERACTIVE, now=0.7, rand=lambda: 0.5), Choice)
 
 
+def test_interactive_takes_the_slots_beyond_a_waiting_batchs_floor() -> None:
+    r = router(20)
+    began = [r.begin("a", work=INTERACTIVE, now=0.0, model="m") for _ in range(20)]
+    assert isinstance(r.pick("m", work=BATCH, now=0.5, rand=lambda: 0.5), NoChoice)
+    for attempt in began[:5]:  # five slots free; batch, waiting, is owed two of them
+        r.succeed(attempt, now=0.6, output_tokens=16)
+    assert fill(r, INTERACTIVE, 10, now=0.6) == 3
+    assert fill(r, BATCH, 10, now=0.6) == 2
+
+
 def test_floor_lapses_when_batch_stops_asking() -> None:
     r = router(20)
     began = [r.begin("a", work=INTERACTIVE, now=0.0, model="m") for _ in range(20)]
