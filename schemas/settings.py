@@ -359,10 +359,11 @@ class ModelSettings(_Strict):
 
 class WorkerSettings(_Strict):
     concurrency: int = Field(default=256, ge=1, le=100_000)
-    """Jobs one worker holds at once: the consumers' prefetch, split between the
-    classes by ``batch_share`` (at least one each)."""
+    """Interactive jobs one worker holds at once (the interactive consumer's
+    prefetch); batch jobs are held besides, ``batch_share`` of this."""
     batch_share: float = Field(default=0.5, gt=0, lt=1)
-    """Share of ``concurrency`` the batch queue's consumer may hold."""
+    """Batch jobs one worker holds, as a share of ``concurrency`` (at least one),
+    besides the interactive ones."""
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     max_attempts: int = Field(default=3, ge=1, le=10)
     retry_budget_ratio: float = Field(default=0.2, ge=0, le=10)

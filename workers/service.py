@@ -58,13 +58,20 @@ _JOIN_S = 0.2
 
 
 def prefetch(settings: Settings, sla_class: str) -> int:
-    """The class's consumer prefetch: ``worker.concurrency`` split between the
-    classes (``worker.batch_share`` to batch), so the worker holds that many jobs."""
-    total = settings.worker.concurrency
-    batch = max(1, round(total * settings.worker.batch_share))
+    """The class's consumer prefetch: ``worker.concurrency`` interactive jobs,
+    and ``worker.batch_share`` of that in batch jobs besides.
+
+    Interactive keeps the whole ``concurrency`` rather than splitting it with
+    batch: a worker that only sees interactive traffic (the usual case) would
+    otherwise hold half the jobs it was told to, and a batch backlog still
+    cannot take interactive room, as each class has its own consumer. Batch
+    gets a bounded share so one worker does not hoard a backlog its peers could
+    start; the endpoints' limits, not prefetch, bound the upstream calls.
+    """
+    interactive = settings.worker.concurrency
     if sla_class == SlaClass.BATCH:
-        return batch
-    return max(1, total - batch)
+        return max(1, round(interactive * settings.worker.batch_share))
+    return interactive
 
 
 def routing_config(settings: Settings) -> RoutingConfig:

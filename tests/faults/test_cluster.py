@@ -432,7 +432,7 @@ async def test_kill_work_queue_leader(
     """SIGKILL the node leading the work queue, hundreds of jobs in flight"""
     # 3 s calls: 200 in flight then needs the burst delivered at ~70 jobs/s, not
     # 250/s as with the default 0.8 s, which a slow disk under the 4.x cluster's
-    # quorum queue did not reach in CI (both workers' prefetch hold 256).
+    # quorum queue did not reach in CI (each worker's prefetch holds 256).
     latency_ms = 3000
     async with cluster_load(
         tmp_path, cluster, cluster_vhost, names, ledger, latency_ms=latency_ms

@@ -87,7 +87,7 @@ async def test_worker_sigkill_with_jobs_in_flight(
         try:
             async with collecting(amqp_url, settings, ledger) as replies:
                 await publish(amqp_url, settings, ledger, 600, replies)
-                # At least a worker's prefetch in flight (128 here). Not 200: on a
+                # Well into a worker's prefetch in flight (256 here). Not 200: on a
                 # slow disk the two workers' waves were seen not to overlap.
                 async with asyncio.timeout(30):
                     while fleet.stats()["a"].in_flight < 120:  # noqa: ASYNC110 - polling

@@ -80,3 +80,36 @@ async def test_batch_alone_leaves_the_headroom_free(
             batch = [await caller.publish(chat(), routing_key="batch") for _ in range(100)]
             await caller.wait_for(lambda: all(j in caller.replies for j in batch), timeout=30)
             assert fleet.stats()["ep"].max_in_flight == 19
+
+
+async def test_interactive_alone_fills_the_whole_concurrency_and_batch_its_share(
+    make_settings: Callable[..., Settings], connection: aio_pika.abc.AbstractConnection
+) -> None:
+    """``worker.concurrency = 8``, on an endpoint with room for 64: 20 interactive
+    jobs run 8 at a time (before: 4, the rest of a split with batch), then 20 batch
+    jobs run ``batch_share`` of that, 4 at a time."""
+    async with running_fleet({"name": "ep", "models": ["m1"], "latency_ms": 500}) as fleet:
+        settings = make_settings(
+            fleet,
+            endpoints=[
+                {
+                    "name": "ep",
+                    "base_url": fleet.url("ep"),
+                    "api_key_env": "LLMQ_TEST_FLEET_KEY",
+                    "models": ["m1"],
+                    "max_concurrency": 64,
+                }
+            ],
+            worker={"concurrency": 8, "batch_share": 0.5},
+        )
+        async with started(settings, connection) as (_, caller):
+            warm = await caller.publish(chat())
+            await caller.wait_for(lambda: warm in caller.replies)
+            for key, held in (("interactive", 8), ("batch", 4)):
+                fleet.reset()
+                jobs = [await caller.publish(chat(), routing_key=key) for _ in range(20)]
+                await caller.wait_for(
+                    lambda js=jobs: all(j in caller.replies for j in js),  # type: ignore[misc]
+                    timeout=30,
+                )
+                assert fleet.stats()["ep"].max_in_flight == held, key
