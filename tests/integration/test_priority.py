@@ -5,11 +5,27 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
 import aio_pika
 
 from schemas.settings import Settings
 from tests.harness import chat, running_fleet, started
+from workers.fleet import Fleet
+
+
+def one_endpoint(
+    make_settings: Callable[..., Settings], fleet: Fleet, *, slots: int, **sections: Any
+) -> Settings:
+    """Settings for one endpoint "ep" serving m1 with ``slots`` slots."""
+    endpoint = {
+        "name": "ep",
+        "base_url": fleet.url("ep"),
+        "api_key_env": "LLMQ_TEST_FLEET_KEY",
+        "models": ["m1"],
+        "max_concurrency": slots,
+    }
+    return make_settings(fleet, endpoints=[endpoint], **sections)
 
 
 async def test_an_interactive_job_overtakes_a_batch_backlog(
@@ -22,18 +38,7 @@ async def test_an_interactive_job_overtakes_a_batch_backlog(
     which on a slow disk (quorum queues fsync) reached tens of ms and let 50 ms
     jobs finish by the dozen before the interactive one had even arrived."""
     async with running_fleet({"name": "ep", "models": ["m1"], "latency_ms": 150}) as fleet:
-        settings = make_settings(
-            fleet,
-            endpoints=[
-                {
-                    "name": "ep",
-                    "base_url": fleet.url("ep"),
-                    "api_key_env": "LLMQ_TEST_FLEET_KEY",
-                    "models": ["m1"],
-                    "max_concurrency": 4,
-                }
-            ],
-        )
+        settings = one_endpoint(make_settings, fleet, slots=4)
         async with started(settings, connection) as (_, caller):
             warm = await caller.publish(chat())  # a sample: no cold-probe rule in the way
             await caller.wait_for(lambda: warm in caller.replies)
@@ -62,18 +67,7 @@ async def test_batch_alone_leaves_the_headroom_free(
     """A batch backlog on an endpoint of 20 slots holds at most 19 of them: the
     last is kept for interactive arrivals (before: all 20)."""
     async with running_fleet({"name": "ep", "models": ["m1"], "latency_ms": 200}) as fleet:
-        settings = make_settings(
-            fleet,
-            endpoints=[
-                {
-                    "name": "ep",
-                    "base_url": fleet.url("ep"),
-                    "api_key_env": "LLMQ_TEST_FLEET_KEY",
-                    "models": ["m1"],
-                    "max_concurrency": 20,
-                }
-            ],
-        )
+        settings = one_endpoint(make_settings, fleet, slots=20)
         async with started(settings, connection) as (_, caller):
             warm = await caller.publish(chat(), routing_key="batch")
             await caller.wait_for(lambda: warm in caller.replies)
@@ -89,18 +83,8 @@ async def test_interactive_alone_fills_the_whole_concurrency_and_batch_its_share
     jobs run 8 at a time (before: 4, the rest of a split with batch), then 20 batch
     jobs run ``batch_share`` of that, 4 at a time."""
     async with running_fleet({"name": "ep", "models": ["m1"], "latency_ms": 500}) as fleet:
-        settings = make_settings(
-            fleet,
-            endpoints=[
-                {
-                    "name": "ep",
-                    "base_url": fleet.url("ep"),
-                    "api_key_env": "LLMQ_TEST_FLEET_KEY",
-                    "models": ["m1"],
-                    "max_concurrency": 64,
-                }
-            ],
-            worker={"concurrency": 8, "batch_share": 0.5},
+        settings = one_endpoint(
+            make_settings, fleet, slots=64, worker={"concurrency": 8, "batch_share": 0.5}
         )
         async with started(settings, connection) as (_, caller):
             warm = await caller.publish(chat())
